@@ -1,0 +1,1 @@
+"""Sketch and photo encoders: preprocessing, models, training, evaluation and export (torch, numpy, PIL only)."""

@@ -1,0 +1,90 @@
+"""Retrieval metrics: instance acc@K and median rank, category mAP@all and P@100, threshold recall/precision."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class InstanceMetrics:
+    queries: int
+    acc: dict[int, float]  # K -> share of queries whose own photo ranks within the top K
+    median_rank: float
+
+
+@dataclass(frozen=True)
+class CategoryMetrics:
+    map_all: float
+    p_at_100: float
+
+
+@dataclass(frozen=True)
+class ThresholdMetrics:
+    value: float
+    recall: float  # share of queries whose own photo scores at or above the threshold (the study's measure)
+    precision: float  # share of photos at or above the threshold that are the query's own photo
+
+
+def instance_ranks(sim: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """1-based rank of each query's own photo (target[i] = gallery index); ties count against the query."""
+    own = sim[np.arange(len(target)), target]
+    return (sim >= own[:, None]).sum(axis=1)
+
+
+def instance_metrics(sim: np.ndarray, target: np.ndarray, ks: tuple[int, ...] = (1, 3, 5, 10)) -> InstanceMetrics:
+    if len(target) == 0:
+        return InstanceMetrics(0, {k: 0.0 for k in ks}, float("nan"))
+    ranks = instance_ranks(sim, target)
+    return InstanceMetrics(
+        queries=len(target),
+        acc={k: float(np.mean(ranks <= k)) for k in ks},
+        median_rank=float(np.median(ranks)),
+    )
+
+
+def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
+    """AP of one ranking over the whole gallery (mAP@all's term)."""
+    n_rel = int(relevant.sum())
+    if n_rel == 0:
+        return 0.0
+    order = np.argsort(-scores, kind="stable")
+    hits = relevant[order].astype(np.float64)
+    precision_at = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision_at * hits).sum() / n_rel)
+
+
+def category_metrics(sim: np.ndarray, query_cat: np.ndarray, gallery_cat: np.ndarray, p_at: int = 100) -> CategoryMetrics:
+    aps, precisions = [], []
+    for i in range(sim.shape[0]):
+        relevant = gallery_cat == query_cat[i]
+        aps.append(average_precision(sim[i], relevant))
+        top = np.argsort(-sim[i], kind="stable")[:p_at]
+        precisions.append(float(relevant[top].sum()) / min(p_at, len(top)))
+    return CategoryMetrics(float(np.mean(aps)), float(np.mean(precisions)))
+
+
+def threshold_metrics(sim: np.ndarray, target: np.ndarray, value: float) -> ThresholdMetrics:
+    if len(target) == 0:
+        return ThresholdMetrics(value, 0.0, 0.0)
+    own = sim[np.arange(len(target)), target]
+    above = sim >= value
+    returned = int(above.sum())
+    hits = int((own >= value).sum())
+    return ThresholdMetrics(value, hits / len(target), hits / returned if returned else 0.0)
+
+
+def calibrate_threshold(sim: np.ndarray, target: np.ndarray) -> float:
+    """The score threshold that maximises F1 of 'the own photo is returned' over these queries."""
+    if len(target) == 0:
+        return 1.0
+    own = sim[np.arange(len(target)), target]
+    candidates = np.unique(np.quantile(own, np.linspace(0.0, 1.0, 101)))
+    best, best_f1 = float(candidates[-1]), -1.0
+    for t in candidates:
+        m = threshold_metrics(sim, target, float(t))
+        f1 = 2 * m.precision * m.recall / (m.precision + m.recall) if m.precision + m.recall else 0.0
+        if f1 > best_f1:
+            best, best_f1 = float(t), f1
+    return best

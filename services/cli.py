@@ -1,0 +1,385 @@
+"""The `sketchsearch` command line: each command maps onto one module."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from encoder.errors import SketchSearchError
+
+if TYPE_CHECKING:
+    from services.config import Settings
+    from services.gallery import Gallery
+    from services.ingest import IngestSummary
+    from services.jobs import Job, JobStore
+    from services.vector_store import SearchHit, VectorStore
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Draw a sketch, find the photo.")
+logger = logging.getLogger(__name__)
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress details.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+@app.command("train")
+def train_command(
+    data_dirs: Annotated[list[Path], typer.Argument(help="Sketchy-layout folder(s), or a folder holding several.")],
+    model: Annotated[str, typer.Option(help="seed, lite0, lite1 or lite2.")] = "lite0",
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 8,
+    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")] = Path("runs/model.pt"),
+    holdout: Annotated[str, typer.Option(help="Comma-separated categories kept out for validation.")] = "",
+    val: Annotated[list[Path] | None, typer.Option(help="Extra Sketchy-layout folder(s) to validate on.")] = None,
+    pseudo: Annotated[
+        list[Path] | None, typer.Option(help="Folder(s) of HED pseudo-sketches: <dir>/<category>/<stem>.png.")
+    ] = None,
+    embed_dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Sketch/photo pairs per step.")] = 48,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    name: Annotated[str, typer.Option(help="Model name (the id adds a weight hash).")] = "",
+) -> None:
+    """Train a model; the checkpoint holds weights, config, preprocessing and validation metrics."""
+    from encoder.train import TrainConfig, train
+
+    logging.getLogger("encoder").setLevel(logging.INFO)
+    cfg = TrainConfig(
+        model=model, epochs=epochs, embed_dim=embed_dim, batch_size=batch_size, seed=seed, device=device,
+        holdout=[c for c in holdout.split(",") if c], val_dirs=[str(v) for v in val or []],
+        pseudo_dirs=[str(p) for p in pseudo or []], name=name,
+    )
+    try:
+        ckpt = train(list(data_dirs), cfg, out)
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"saved {out} ({ckpt.model_id})")
+    for set_name, res in (ckpt.metrics.get("validation") or {}).items():
+        inst = res["instance"]
+        typer.echo(f"validation {set_name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}")
+
+
+@app.command("eval")
+def eval_command(
+    data_dir: Annotated[Path, typer.Argument(help="A folder in the Sketchy layout.")],
+    model: Annotated[str, typer.Option(help="default, a shipped name, imagenet-lite0, or a checkpoint path.")] = "default",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
+    categories: Annotated[str, typer.Option(help="Comma-separated categories to restrict to.")] = "",
+    backend: Annotated[str | None, typer.Option(help="onnx (CPU) or torch; default: torch on CUDA, else onnx.")] = None,
+) -> None:
+    """Retrieve every sketch's photo among all photos of DATA_DIR and report acc@K, mAP and threshold metrics."""
+    from encoder.embedder import load_embedder
+    from encoder.evaluate import evaluate_dataset, format_report
+
+    try:
+        embedder = load_embedder(None if model == "default" else model, backend=backend)
+        report = evaluate_dataset(data_dir, embedder, categories={c for c in categories.split(",") if c} or None)
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    typer.echo(format_report(report))
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report.to_json(), indent=2))
+
+
+# --- the gallery platform: config, ingest, worker, jobs, search, similar, stats ---------------------------
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+HitsJsonFlag = Annotated[
+    bool, typer.Option("--json", help="Print a JSON list of {id, path, score, category}, best first.")
+]
+TopK = Annotated[int | None, typer.Option("--top-k", "-k", help="Return the K best photos (default 10).")]
+Threshold = Annotated[
+    float | None, typer.Option(help="Return every photo with cosine similarity >= S instead of the top K.")
+]
+CategoryFilter = Annotated[str | None, typer.Option(help="Only photos of this category.")]
+
+
+def _settings() -> Settings:
+    from services.config import get_settings
+
+    return get_settings()
+
+
+def _print_summary(summary: IngestSummary, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(summary.to_json(), indent=2))
+        return
+    typer.echo(
+        f"added {summary.added}, already present {summary.already_present}, failed {summary.failed}"
+        f" ({summary.seconds:.1f} s of batch work)"
+    )
+    for failure in summary.failures:
+        typer.echo(f"  failed: {failure.path}: {failure.reason}")
+
+
+def _follow(jobs: JobStore, job_id: str, queue_hint: str | None) -> Job:
+    """Show a job's progress until it finishes; the record is the only source, so this works for in-process
+    jobs and for Celery jobs alike."""
+    from tqdm import tqdm
+
+    from services.jobs import JobState, follow_job
+
+    started = time.monotonic()
+    hinted = False
+    total = jobs.get_job(job_id).photos
+    with tqdm(total=total, unit="photo", file=sys.stderr, mininterval=0.5, dynamic_ncols=True) as bar:
+
+        def update(job: Job) -> None:
+            nonlocal hinted
+            bar.update(job.done_photos - bar.n)
+            if queue_hint and not hinted and job.state == JobState.QUEUED and time.monotonic() - started > 15:
+                hinted = True
+                tqdm.write(f"waiting for a worker on queue {queue_hint}: is `sketchsearch worker` running?",
+                           file=sys.stderr)
+
+        return follow_job(jobs, job_id, on_update=update)
+
+
+@app.command("config")
+def config_command(as_json: JsonFlag = False) -> None:
+    """Print the effective settings (SKETCHSEARCH_* environment variables and their defaults)."""
+    described = _settings().describe()
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    width = max(len(k) for k in described)
+    for key, value in described.items():
+        typer.echo(f"SKETCHSEARCH_{key.upper():<{width}} = {value}")
+
+
+@app.command("ingest")
+def ingest_command(
+    paths: Annotated[list[Path], typer.Argument(help="Photo files and folders (walked recursively).")],
+    label: Annotated[str | None, typer.Option(help="Category of every photo (default: its folder).")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="With a broker: follow the job to its end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Add photos to the gallery of the active model; photos already stored are skipped.
+
+    Without SKETCHSEARCH_BROKER_URL this process owns the store and runs the job itself (always waits).
+    With it, the batches go to `sketchsearch worker` and this process never opens the store."""
+    from services.ingest import collect_photos
+    from services.jobs import FileJobStore, LocalJobRunner, RedisJobStore, submit_celery_ingest
+
+    settings = _settings()
+    files, rejected = collect_photos(paths, label)
+    try:
+        if settings.broker_url:
+            job = submit_celery_ingest(settings, files, label, rejected)
+            queued = f"{job.photos} photos in {job.batches} batches queued on {settings.queue}"
+            typer.echo(f"job {job.id}: {queued}", err=True)
+            if not wait:
+                typer.echo(f"follow it with `sketchsearch jobs {job.id}`", err=True)
+                return
+            job = _follow(RedisJobStore(settings.broker_url), job.id, settings.queue)
+        else:
+            from services.gallery import load_active_model, open_gallery
+            from services.vector_store import open_store
+
+            store = open_store(settings)  # first: a locked store fails before seconds of model loading
+            try:
+                gallery = open_gallery(store, load_active_model(settings), create=True)
+                runner = LocalJobRunner(gallery, FileJobStore(settings.jobs_path), settings.batch_size)
+                job = runner.submit(files, label, rejected)
+                try:
+                    job = _follow(runner.jobs, job.id, None)
+                except KeyboardInterrupt:
+                    runner.cancel(job.id)
+                    runner.wait(job.id)
+                    typer.echo("interrupted: run the same command again to add what is missing", err=True)
+                    raise typer.Exit(code=130) from None
+                finally:
+                    runner.shutdown()
+            finally:
+                store.close()
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    _print_summary(job.summary(), as_json)
+    for error in job.errors():
+        typer.echo(f"error: {error}", err=True)
+    if job.errors():
+        raise typer.Exit(code=1)
+
+
+@app.command("worker", context_settings={"allow_extra_args": False})
+def worker_command(
+    loglevel: Annotated[str, typer.Option(help="Log level.")] = "INFO",
+    hostname: Annotated[str | None, typer.Option(help="Default: sketchsearch-<pid>@<host>.")] = None,
+) -> None:
+    """Run a Celery worker: one batch at a time, acknowledged when done, the model loaded once.
+
+    In embedded mode the worker owns the store for its whole life: stop it before `search`/`stats`, or use
+    a Qdrant server (SKETCHSEARCH_QDRANT_URL) to share the gallery between processes."""
+    settings = _settings()
+    if not settings.broker_url:
+        _fail(SketchSearchError("SKETCHSEARCH_BROKER_URL is not set: a worker needs a broker "
+                                "(without one, `sketchsearch ingest` runs jobs in-process)"))
+    argv = [sys.executable, "-m", "worker", f"--loglevel={loglevel}"]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the worker layer sits above services (import contract), so the CLI hands the process over to it; the
+    # pid stays the same, so signals sent to `sketchsearch worker` reach the worker itself
+    os.execv(sys.executable, argv)
+
+
+@app.command("jobs")
+def jobs_command(
+    job_id: Annotated[str | None, typer.Argument(help="Show one job in detail.")] = None,
+    limit: Annotated[int, typer.Option(help="How many recent jobs to list.")] = 20,
+    as_json: JsonFlag = False,
+) -> None:
+    """List recent ingestion jobs with their progress (from Redis with a broker, else from HOME/jobs)."""
+    from services.jobs import open_job_store
+
+    try:
+        store = open_job_store(_settings())
+        jobs = [store.get_job(job_id)] if job_id else store.list_jobs(limit)
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps([j.to_json() for j in jobs], indent=2))
+        return
+    if not jobs:
+        typer.echo("no jobs")
+        return
+    header = f"{'JOB':<12}  {'STATE':<11}  {'PROGRESS':>17}  {'ADDED':>6}  {'PRESENT':>7}  {'FAILED':>6}"
+    typer.echo(f"{header}  CREATED")
+    for job in jobs:
+        s = job.summary()
+        pct = 100.0 * job.done_photos / job.photos if job.photos else 100.0
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at))
+        progress = f"{job.done_photos}/{job.photos} ({pct:.0f}%)"
+        counts = f"{s.added:>6}  {s.already_present:>7}  {s.failed:>6}"
+        typer.echo(f"{job.id:<12}  {job.state.value:<11}  {progress:>17}  {counts}  {created}")
+    if job_id:
+        for failure in jobs[0].summary().failures:
+            typer.echo(f"  failed: {failure.path}: {failure.reason}")
+        for error in jobs[0].errors():
+            typer.echo(f"  error: {error}")
+
+
+def _print_hits(hits: list[SearchHit], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps([h.to_json() for h in hits], indent=2))
+        return
+    if not hits:
+        typer.echo("no hits")
+    for rank, hit in enumerate(hits, 1):
+        typer.echo(f"{rank:>3}  {hit.score:.4f}  {hit.category:<20}  {hit.path}  {hit.id}")
+
+
+def _open_reader(settings: Settings) -> tuple[VectorStore, Gallery]:
+    from services.gallery import load_active_model, open_gallery
+    from services.vector_store import open_store
+
+    embedder = load_active_model(settings)
+    store = open_store(settings)
+    try:
+        return store, open_gallery(store, embedder, create=False)
+    except BaseException:
+        store.close()
+        raise
+
+
+@app.command("search")
+def search_command(
+    sketch: Annotated[Path, typer.Argument(help="The sketch image (black strokes on white, any format).")],
+    top_k: TopK = None,
+    threshold: Threshold = None,
+    category: CategoryFilter = None,
+    as_json: HitsJsonFlag = False,
+) -> None:
+    """Find the photos that match a sketch, best first."""
+    from services.search import search_sketch
+
+    if top_k is not None and threshold is not None:
+        raise typer.BadParameter("give --top-k or --threshold, not both")
+    settings = _settings()
+    try:
+        store, gallery = _open_reader(settings)
+        try:
+            hits = search_sketch(gallery, sketch, top_k=top_k, threshold=threshold, category=category,
+                                 max_hits=settings.search_limit)
+        finally:
+            store.close()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    _print_hits(hits, as_json)
+
+
+@app.command("similar")
+def similar_command(
+    photo_id: Annotated[str, typer.Argument(help="A stored photo's id, or a photo file.")],
+    top_k: TopK = None,
+    threshold: Threshold = None,
+    category: CategoryFilter = None,
+    as_json: HitsJsonFlag = False,
+) -> None:
+    """Find stored photos like a stored photo."""
+    from services.search import find_similar
+
+    if top_k is not None and threshold is not None:
+        raise typer.BadParameter("give --top-k or --threshold, not both")
+    settings = _settings()
+    try:
+        store, gallery = _open_reader(settings)
+        try:
+            hits = find_similar(gallery, photo_id, top_k=top_k, threshold=threshold, category=category,
+                                max_hits=settings.search_limit)
+        finally:
+            store.close()
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    _print_hits(hits, as_json)
+
+
+@app.command("stats")
+def stats_command(as_json: JsonFlag = False) -> None:
+    """How many photos the active model's collection holds, per category."""
+    from services.gallery import read_model_identity
+    from services.search import read_stats
+    from services.vector_store import open_store
+
+    settings = _settings()
+    try:
+        identity = read_model_identity(settings)
+        with open_store(settings) as store:
+            stats = read_stats(store, identity)
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        typer.echo(json.dumps(stats.to_json(), indent=2))
+        return
+    typer.echo(f"model       {stats.model}\ncollection  {stats.collection}\nphotos      {stats.photos}")
+    for name, count in stats.categories.items():
+        typer.echo(f"  {name:<24} {count}")

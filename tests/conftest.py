@@ -1,0 +1,22 @@
+"""Shared fixtures: where the shared data lives, and skips with a reason where it does not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not (SHARED_DATA / "sketchy100").is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA} (a user's machine): skipping data-backed test")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def sketchy(shared_data: Path) -> Path:
+    return shared_data / "sketchy100"

@@ -1,0 +1,67 @@
+"""Metrics on constructed cases whose answers are known by hand."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from encoder.metrics import (
+    average_precision,
+    calibrate_threshold,
+    category_metrics,
+    instance_metrics,
+    instance_ranks,
+    threshold_metrics,
+)
+
+
+def test_instance_ranks_and_accuracy() -> None:
+    sim = np.array(
+        [
+            [0.9, 0.1, 0.2, 0.3],  # own photo 0 ranks 1
+            [0.5, 0.4, 0.6, 0.1],  # own photo 1 ranks 3
+            [0.2, 0.3, 0.1, 0.0],  # own photo 3 ranks 4
+        ]
+    )
+    target = np.array([0, 1, 3])
+    assert instance_ranks(sim, target).tolist() == [1, 3, 4]
+    m = instance_metrics(sim, target, ks=(1, 3, 5))
+    assert m.queries == 3
+    assert m.acc == {1: pytest.approx(1 / 3), 3: pytest.approx(2 / 3), 5: pytest.approx(1.0)}
+    assert m.median_rank == 3
+
+
+def test_ties_count_against_the_query() -> None:
+    sim = np.array([[0.5, 0.5, 0.5]])
+    assert instance_ranks(sim, np.array([0])).tolist() == [3]
+
+
+def test_average_precision_known_values() -> None:
+    scores = np.array([0.9, 0.8, 0.7, 0.6])
+    # relevant at ranks 1 and 3: AP = (1/1 + 2/3) / 2
+    assert average_precision(scores, np.array([True, False, True, False])) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(scores, np.array([False, False, False, False])) == 0.0
+    assert average_precision(scores, np.array([True, True, True, True])) == pytest.approx(1.0)
+
+
+def test_category_map_and_precision() -> None:
+    sim = np.array([[0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.3, 0.4]])
+    query_cat = np.array([0, 0])
+    gallery_cat = np.array([0, 0, 1, 1])
+    m = category_metrics(sim, query_cat, gallery_cat, p_at=2)
+    # query 0: perfect (AP 1, P@2 1); query 1: relevant at ranks 3 and 4: AP = (1/3 + 2/4) / 2, P@2 0
+    assert m.map_all == pytest.approx((1 + (1 / 3 + 2 / 4) / 2) / 2)
+    assert m.p_at_100 == pytest.approx(0.5)
+
+
+def test_threshold_recall_precision_and_calibration() -> None:
+    sim = np.array([[0.9, 0.2, 0.1], [0.3, 0.8, 0.7], [0.1, 0.2, 0.4]])
+    target = np.array([0, 1, 2])
+    m = threshold_metrics(sim, target, 0.5)
+    # own photos above 0.5: queries 0 and 1 -> recall 2/3; returned: 0.9, 0.8, 0.7 -> precision 2/3
+    assert m.recall == pytest.approx(2 / 3)
+    assert m.precision == pytest.approx(2 / 3)
+    t = calibrate_threshold(sim, target)
+    best = threshold_metrics(sim, target, t)
+    f1 = 2 * best.precision * best.recall / (best.precision + best.recall)
+    assert f1 >= 2 * m.precision * m.recall / (m.precision + m.recall) - 1e-9

@@ -1,0 +1,95 @@
+"""Training on a handful of real shared images lowers the loss; checkpoints round-trip with weights_only."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.embedder import load_embedder
+from encoder.errors import DatasetError, ModelLoadError
+from encoder.train import TrainConfig, train, triplet_loss
+
+CATEGORIES = ["apple", "cat", "chair"]
+
+
+def small_set(sketchy: Path, tmp_path: Path) -> Path:
+    """A Sketchy-layout folder of symlinks to a few real photos and their sketches (nothing copied)."""
+    root = tmp_path / "data"
+    for category in CATEGORIES:
+        by_photo: dict[str, Path] = {}
+        for sketch in sorted((sketchy / "sketch" / category).glob("*.png")):
+            by_photo.setdefault(sketch.stem.rsplit("-", 1)[0], sketch)
+        for sketch in list(by_photo.values())[:4]:
+            stem = sketch.stem.rsplit("-", 1)[0]
+            for kind, src in (("sketch", sketch), ("photo", sketchy / "photo" / category / f"{stem}.jpg")):
+                dst = root / kind / category / src.name
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if not dst.exists():
+                    dst.symlink_to(src)
+    return root
+
+
+def test_triplet_loss_prefers_matched_pairs() -> None:
+    torch.manual_seed(0)
+    a = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
+    assert float(triplet_loss(a, a, 0.2, "hardest")) < float(triplet_loss(a, a.roll(1, 0), 0.2, "hardest"))
+    assert float(triplet_loss(a, a, 0.2, "semihard")) >= 0
+
+
+@pytest.mark.slow
+def test_seed_model_training_lowers_the_loss(sketchy: Path, tmp_path: Path) -> None:
+    data = small_set(sketchy, tmp_path)
+    cfg = TrainConfig(model="seed", epochs=12, batch_size=8, lr=3e-3, cache_views=1, seed=1)
+    ckpt = train([data], cfg, tmp_path / "seed.pt", progress=False)
+    # the loss on fixed training batches, before and after training
+    assert ckpt.metrics["history"][-1]["probe_loss"] < 0.9 * ckpt.metrics["initial_probe_loss"]
+    assert ckpt.config.arch == "seed" and ckpt.dim == 128
+
+
+@pytest.mark.slow
+def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_path: Path) -> None:
+    data = small_set(sketchy, tmp_path)
+    cfg = TrainConfig(model="lite0", epochs=4, batch_size=12, lr=1e-3, trunk_lr=3e-4, cache_views=1, seed=2,
+                      holdout=["chair"], train_from_block=14)
+    out = tmp_path / "lite.pt"
+    ckpt = train([data], cfg, out, progress=False)
+    assert ckpt.metrics["history"][-1]["probe_loss"] < ckpt.metrics["initial_probe_loss"]
+    assert "data" in ckpt.metrics["validation"]  # validated on the held-out category
+    assert ckpt.threshold is not None
+
+    # the checkpoint loads with weights_only=True and rebuilds the same model, the same id, the same outputs
+    raw = torch.load(out, map_location="cpu", weights_only=True)
+    assert raw["config"]["arch"] == "lite0" and raw["preprocessing"]["image_size"] == 224
+    loaded = load_checkpoint(out)
+    assert loaded.model_id == ckpt.model_id
+    assert loaded.categories == ["apple", "cat"]
+    sketch = sorted((data / "sketch" / "chair").glob("*.png"))[0]
+    a = load_embedder(out, backend="torch").embed_sketches([sketch])
+    b = load_embedder(out, backend="onnx", cache_dir=tmp_path / "onnx").embed_sketches([sketch])
+    assert np.abs(a - b).max() < 1e-4
+
+    # fp16 storage keeps the id stable and the embeddings close
+    half = save_checkpoint(loaded, tmp_path / "half.pt", half=True)
+    assert load_checkpoint(half).model_id == ckpt.model_id
+
+
+def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"hello": 1}, foreign)
+    with pytest.raises(ModelLoadError, match="not a sketchsearch checkpoint"):
+        load_checkpoint(foreign)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x04not a zip")
+    with pytest.raises(ModelLoadError):
+        load_checkpoint(garbage)
+
+
+def test_training_needs_the_sketchy_layout(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="Sketchy layout"):
+        train([tmp_path], TrainConfig(model="seed", epochs=1), tmp_path / "x.pt", progress=False)
