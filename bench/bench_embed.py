@@ -1,6 +1,6 @@
 """Photos embedded per second at batch 32 on this machine: ONNX Runtime vs torch, decode and resize included.
 
-    .venv/bin/python bench/bench_embed.py [--model default] [--photos 512] [--data ../shared/data/sketchy100]
+.venv/bin/python bench/bench_embed.py [--model default] [--photos 512] [--data ../shared/data/sketchy100]
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ def main() -> None:
     parser.add_argument("--model", default="default")
     parser.add_argument("--photos", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sketchy100")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "sketchy100",
+    )
     args = parser.parse_args()
     paths = sorted((args.data / "photo").glob("*/*.jpg"))[: args.photos]
     if not paths:

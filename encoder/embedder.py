@@ -17,7 +17,14 @@ from PIL import Image
 from encoder.checkpoint import Checkpoint, load_checkpoint
 from encoder.errors import SketchSearchError
 from encoder.export import DOMAINS, export_onnx
-from encoder.preprocess import ImageSource, load_photo, load_sketch, prepare_photo, prepare_sketch
+from encoder.preprocess import (
+    ImageSource,
+    load_photo,
+    load_sketch,
+    original_size,
+    prepare_photo,
+    prepare_sketch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +67,9 @@ class Embedder:
         self.backend = backend or _default_backend()
         self.threads = threads or max(1, os.cpu_count() or 1)
         self._model = ckpt.build()
-        self._device = torch.device("cuda" if self.backend == "torch" and torch.cuda.is_available() else "cpu")
+        self._device = torch.device(
+            "cuda" if self.backend == "torch" and torch.cuda.is_available() else "cpu"
+        )
         self._sessions: dict[str, object] = {}
         if self.backend == "onnx":
             cache = cache_dir or Path(tempfile.gettempdir()) / "sketchsearch-onnx"
@@ -95,7 +104,9 @@ class Embedder:
             out = self._model.embed(x, domain)  # type: ignore[operator]
         return out.float().cpu().numpy()
 
-    def _embed_all(self, arrays: Iterator[np.ndarray] | list[np.ndarray], domain: str, batch_size: int) -> np.ndarray:
+    def _embed_all(
+        self, arrays: Iterator[np.ndarray] | list[np.ndarray], domain: str, batch_size: int
+    ) -> np.ndarray:
         chunks, pending = [], []
         for arr in arrays:
             pending.append(arr)
@@ -113,7 +124,12 @@ class Embedder:
     def embed_sketches(self, sketches: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """Sketches (decoded or files) -> embeddings; EmptySketchError or InvalidImageError on bad input."""
         arrays = [prepare_sketch(load_sketch(s, self.prep), self.prep) for s in sketches]
-        return self._embed_all(arrays, "sketch", batch_size)
+        vectors = self._embed_all(arrays, "sketch", batch_size)
+        if self.prep.sketch_flip and len(arrays):
+            mirrored = self._embed_all([a[:, :, ::-1].copy() for a in arrays], "sketch", batch_size)
+            summed = vectors + mirrored
+            vectors = summed / np.linalg.norm(summed, axis=1, keepdims=True).clip(1e-12)
+        return vectors
 
     def embed_sketch(self, sketch: ImageSource) -> np.ndarray:
         return self.embed_sketches([sketch])[0]
@@ -129,7 +145,7 @@ class Embedder:
         def decode(path: Path) -> tuple[np.ndarray, tuple[int, int]] | FileFailure:
             try:
                 photo = load_photo(path, self.prep)
-                return prepare_photo(photo, self.prep), photo.size
+                return prepare_photo(photo, self.prep), original_size(photo)
             except SketchSearchError as exc:
                 return FileFailure(path, str(exc))
             except Exception as exc:  # a decoder bug on one file must not stop a gallery ingest

@@ -87,7 +87,10 @@ def format_report(report: EvalReport) -> str:
     rows += [(f"acc@{k}", f"{inst[f'acc@{k}']:.3f}") for k in (1, 3, 5, 10)]
     rows.append(("median rank", f"{inst['median_rank']:.1f}" if not np.isnan(inst["median_rank"]) else "n/a"))
     if report.category:
-        rows += [("mAP@all", f"{report.category['mAP@all']:.3f}"), ("P@100", f"{report.category['P@100']:.3f}")]
+        rows += [
+            ("mAP@all", f"{report.category['mAP@all']:.3f}"),
+            ("P@100", f"{report.category['P@100']:.3f}"),
+        ]
     th = report.threshold
     rows += [
         ("threshold", f"{th['value']:.3f}"),

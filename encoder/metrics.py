@@ -33,7 +33,9 @@ def instance_ranks(sim: np.ndarray, target: np.ndarray) -> np.ndarray:
     return (sim >= own[:, None]).sum(axis=1)
 
 
-def instance_metrics(sim: np.ndarray, target: np.ndarray, ks: tuple[int, ...] = (1, 3, 5, 10)) -> InstanceMetrics:
+def instance_metrics(
+    sim: np.ndarray, target: np.ndarray, ks: tuple[int, ...] = (1, 3, 5, 10)
+) -> InstanceMetrics:
     if len(target) == 0:
         return InstanceMetrics(0, {k: 0.0 for k in ks}, float("nan"))
     ranks = instance_ranks(sim, target)
@@ -55,7 +57,9 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
     return float((precision_at * hits).sum() / n_rel)
 
 
-def category_metrics(sim: np.ndarray, query_cat: np.ndarray, gallery_cat: np.ndarray, p_at: int = 100) -> CategoryMetrics:
+def category_metrics(
+    sim: np.ndarray, query_cat: np.ndarray, gallery_cat: np.ndarray, p_at: int = 100
+) -> CategoryMetrics:
     aps, precisions = [], []
     for i in range(sim.shape[0]):
         relevant = gallery_cat == query_cat[i]

@@ -32,7 +32,10 @@ class ModelConfig:
     embed_dim: int = 256
     image_size: int = 224
     channels: int = 3
-    mid_blocks: tuple[int, ...] = (10, 13)  # block outputs pooled to mid_pool x mid_pool beside the final vector
+    mid_blocks: tuple[int, ...] = (
+        10,
+        13,
+    )  # block outputs pooled to mid_pool x mid_pool beside the final vector
     mid_pool: int = 2
     dropout: float = 0.5
     hidden_dim: int = 0  # 0: a linear head; >0: one hidden layer
@@ -140,7 +143,9 @@ class EfficientNetLite(nn.Module):
             # Lite keeps the first and last stages (and the stem and head) unscaled
             n = repeats if i in (0, len(LITE_STAGES) - 1) else int(math.ceil(depth * repeats))
             for j in range(n):
-                blocks.append(MBConv(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand, size))
+                blocks.append(
+                    MBConv(cin if j == 0 else cout, cout, kernel, stride if j == 0 else 1, expand, size)
+                )
                 if j == 0:
                     size = math.ceil(size / stride)
                 self.block_channels.append(cout)
@@ -188,7 +193,11 @@ class EmbeddingHead(nn.Module):
             self.net = nn.Sequential(*layers)
             return
         if cfg.hidden_dim:
-            layers += [nn.Linear(in_dim, cfg.hidden_dim), nn.BatchNorm1d(cfg.hidden_dim), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Linear(in_dim, cfg.hidden_dim),
+                nn.BatchNorm1d(cfg.hidden_dim),
+                nn.ReLU(inplace=True),
+            ]
             in_dim = cfg.hidden_dim
         layers.append(nn.Linear(in_dim, cfg.embed_dim))
         self.net = nn.Sequential(*layers)
@@ -209,7 +218,7 @@ class SketchPhotoEncoder(nn.Module):
         self.cfg = cfg
         self.trunk = EfficientNetLite(cfg.arch, cfg.image_size)
         for block in self.trunk._blocks:
-            block.drop_path = cfg.drop_path
+            block.drop_path = cfg.drop_path  # type: ignore[assignment]
         if cfg.embed_dim == 0:  # raw ImageNet features: the final pooled vector only
             cfg.mid_blocks = ()
         feat_dim = 1280 + sum(self.trunk.block_channels[i] * cfg.mid_pool**2 for i in cfg.mid_blocks)
@@ -225,7 +234,9 @@ class SketchPhotoEncoder(nn.Module):
         taps = tuple(i for i in self.cfg.mid_blocks if i >= start)
         final, tapped = self.trunk.forward_blocks(x, start, taps)
         sides = [self.trunk.block_sizes[i] for i in taps]
-        pooled = early_pooled + [pool_grid(t, side, self.cfg.mid_pool) for t, side in zip(tapped, sides, strict=True)]
+        pooled = early_pooled + [
+            pool_grid(t, side, self.cfg.mid_pool) for t, side in zip(tapped, sides, strict=True)
+        ]
         return torch.cat([final.mean(dim=(2, 3))] + pooled, dim=1)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,7 +260,12 @@ class SeedNet(nn.Module):
         layers: list[nn.Module] = []
         cin = cfg.channels
         for _ in range(3):
-            layers += [nn.Conv2d(cin, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.BatchNorm2d(32)]
+            layers += [
+                nn.Conv2d(cin, 32, 3, padding=1),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+                nn.BatchNorm2d(32),
+            ]
             cin = 32
         self.conv = nn.Sequential(*layers)
         side = cfg.image_size // 8

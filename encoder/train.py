@@ -63,9 +63,12 @@ class TrainConfig:
     dropout: float = 0.5
     train_from_block: int = 11  # blocks before this one are frozen and cached
     cache_views: int = 2  # augmented views cached per image (the first is unaugmented)
+    select_best: bool = True  # keep the epoch with the best validation score (False: the last epoch)
+    threshold: float | None = None  # stored score threshold; None: calibrated on the first validation set
     cache_dir: str = ""  # reuse frozen-front outputs across runs (keyed by model, block, views, seed, images)
     pseudo_dirs: list[str] = field(default_factory=list)  # HED pseudo-sketches, <dir>/<category>/<stem>.png
-    pseudo_per_epoch: int = 2000  # pseudo-sketch pairs mixed into each epoch
+    pseudo_per_epoch: int = 1000  # pseudo-sketch pairs mixed into each epoch
+    pseudo_max_ink: float = 0.12  # drop pseudo-sketches of cluttered photos (mostly background lines)
     holdout: list[str] = field(default_factory=list)  # categories kept out of training for validation
     val_dirs: list[str] = field(default_factory=list)  # extra Sketchy-layout folders to validate on
     seed: int = 0
@@ -88,7 +91,7 @@ def _affine(image: Image.Image, rng: random.Random, fill: int | tuple[int, int, 
     scale = rng.uniform(0.85, 1.1)
     angle = rng.uniform(-8, 8)
     dx, dy = (rng.uniform(-0.06, 0.06) * size for _ in range(2))
-    out = image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(dx, dy), fillcolor=fill)
+    out = image.rotate(angle, resample=Image.Resampling.BILINEAR, translate=(round(dx), round(dy)), fillcolor=fill)
     if scale != 1:
         new = max(8, int(size * scale))
         resized = out.resize((new, new), Image.Resampling.BILINEAR)
@@ -117,6 +120,11 @@ def photo_input(path: Path, prep: Preprocessing, rng: random.Random | None) -> n
     if rng is not None:
         photo = _affine(photo, rng, (127, 127, 127))
     return _normalise(np.asarray(photo), prep)
+
+
+def ink_share(path: Path) -> float:
+    with Image.open(path) as image:
+        return float((np.asarray(image.convert("L")) < 128).mean())
 
 
 # ---------------------------------------------------------------- the frozen front and the trainable back
@@ -184,7 +192,9 @@ class Cache:
     maps: torch.Tensor
     taps: torch.Tensor
 
-    def take(self, index: list[int], views: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(
+        self, index: list[int], views: list[int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.tensor(index)
         v = torch.tensor(views)
         return self.maps[idx, v].to(device).float(), self.taps[idx, v].to(device).float()
@@ -192,7 +202,7 @@ class Cache:
 
 def build_cache(
     stages: Stages,
-    loaders: list[Callable[[random.Random | None], np.ndarray]],
+    items: list[tuple[Path, Callable[[random.Random | None], np.ndarray]]],
     views: int,
     seed: int,
     device: torch.device,
@@ -200,34 +210,35 @@ def build_cache(
     batch: int = 32,
     store: Path | None = None,
 ) -> Cache:
-    """Run the frozen front on every image and view; with `store`, reuse an earlier run's result from disk."""
+    """Run the frozen front on every image and view.
+
+    With `store` (a file per front configuration), results are kept per (image, view) and reused by any later
+    run that needs the same image: a held-out run warms the cache of the final one. View 0 is unaugmented; view v
+    draws its augmentation from a generator seeded by (seed, image, v), so it is the same whichever run made it.
+    """
     from tqdm import tqdm
 
+    known: dict[str, list[torch.Tensor]] = {}
     if store is not None and store.is_file():
-        saved = torch.load(store, weights_only=True)
-        if saved["maps"].shape[:2] == (len(loaders), views):
-            return Cache(saved["maps"], saved["taps"])
-
-    maps: torch.Tensor | None = None
-    taps: torch.Tensor | None = None
-    rng = random.Random(seed)
-    n = len(loaders)
-    with tqdm(total=n * views, desc=desc, unit="img", leave=False) as bar:
-        for v in range(views):
-            for lo in range(0, n, batch):
-                arrays = [loaders[i](rng if v else None) for i in range(lo, min(n, lo + batch))]
-                x = torch.from_numpy(np.stack(arrays)).to(device)
-                h, t = stages.front(x)
-                if maps is None or taps is None:
-                    maps = torch.empty((n, views, *h.shape[1:]), dtype=torch.float16)
-                    taps = torch.empty((n, views, t.shape[1]), dtype=torch.float16)
-                maps[lo : lo + len(arrays), v] = h.half().cpu()
-                taps[lo : lo + len(arrays), v] = t.half().cpu()
-                bar.update(len(arrays))
-    assert maps is not None and taps is not None
-    if store is not None:
+        known = torch.load(store, weights_only=True)
+    todo = [(i, v) for i, (path, _) in enumerate(items) for v in range(views) if f"{path}#{v}" not in known]
+    with tqdm(total=len(todo), desc=desc, unit="img", leave=False, disable=not todo) as bar:
+        for lo in range(0, len(todo), batch):
+            chunk = todo[lo : lo + batch]
+            arrays = [
+                items[i][1](random.Random(f"{seed}:{items[i][0]}:{v}") if v else None) for i, v in chunk
+            ]
+            h, t = stages.front(torch.from_numpy(np.stack(arrays)).to(device))
+            for k, (i, v) in enumerate(chunk):
+                known[f"{items[i][0]}#{v}"] = [h[k].half().cpu().clone(), t[k].half().cpu().clone()]
+            bar.update(len(chunk))
+    if store is not None and todo:
         store.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"maps": maps, "taps": taps}, store)
+        tmp = store.with_suffix(".tmp")
+        torch.save(known, tmp)
+        tmp.replace(store)
+    maps = torch.stack([torch.stack([known[f"{p}#{v}"][0] for v in range(views)]) for p, _ in items])
+    taps = torch.stack([torch.stack([known[f"{p}#{v}"][1] for v in range(views)]) for p, _ in items])
     return Cache(maps, taps)
 
 
@@ -253,7 +264,9 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, margin: float, mo
     return F.relu(pos - chosen + margin).mean()
 
 
-def category_loss(emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, scale: float) -> torch.Tensor:
+def category_loss(
+    emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, scale: float
+) -> torch.Tensor:
     logits = scale * emb @ F.normalize(weight, dim=-1).t()
     return F.cross_entropy(logits, labels)
 
@@ -262,7 +275,9 @@ def category_loss(emb: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor,
 
 
 @torch.no_grad()
-def embed_cache(stages: Stages, cache: Cache, domain: str, device: torch.device, batch: int = 128) -> np.ndarray:
+def embed_cache(
+    stages: Stages, cache: Cache, domain: str, device: torch.device, batch: int = 128
+) -> np.ndarray:
     out = []
     n = cache.maps.shape[0]
     for lo in range(0, n, batch):
@@ -323,7 +338,9 @@ def _discover_sets(paths: list[Path]) -> list[Path]:
             if root.name != "test" and root not in found:
                 found.append(root)
     if not found:
-        raise DatasetError(f"no folder in the Sketchy layout (photo/, sketch/) under {', '.join(map(str, paths))}")
+        raise DatasetError(
+            f"no folder in the Sketchy layout (photo/, sketch/) under {', '.join(map(str, paths))}"
+        )
     return found
 
 
@@ -361,7 +378,10 @@ def train(
     elif cfg.model in LITE_SCALING:
         size = LITE_SCALING[cfg.model][2]
         mcfg = ModelConfig(
-            arch=cfg.model, embed_dim=cfg.embed_dim, image_size=size, dropout=cfg.dropout,
+            arch=cfg.model,
+            embed_dim=cfg.embed_dim,
+            image_size=size,
+            dropout=cfg.dropout,
             num_classes=len(categories),
         )
         prep = Preprocessing(image_size=size)
@@ -397,7 +417,7 @@ def train(
         for si, s in enumerate(train_sets):
             for p in s.photos:
                 candidate = Path(pdir) / p.category / f"{p.stem}.png"
-                if candidate.is_file():
+                if candidate.is_file() and ink_share(candidate) <= cfg.pseudo_max_ink:
                     pseudo.append(len(sketch_paths))
                     sketch_paths.append(candidate)
                     sketch_photo.append(photo_pos[(si, p.category, p.stem)])
@@ -409,7 +429,11 @@ def train(
         pseudo = [i for i in pseudo if sketch_photo[i] in keep_photos][:max_pairs]
     logger.info(
         "training on %d categories: %d photos, %d sketches (%d paired), %d pseudo-sketches",
-        len(categories), len(photo_paths), n_real, len(real_pairs), len(pseudo),
+        len(categories),
+        len(photo_paths),
+        n_real,
+        len(real_pairs),
+        len(pseudo),
     )
     if not real_pairs and not pseudo:
         raise DatasetError("no sketch/photo pairs to train on: sketches must be named <photo stem>-<n>")
@@ -425,56 +449,44 @@ def train(
     def photo_loader(path: Path) -> Callable[[random.Random | None], np.ndarray]:
         return lambda rng: photo_input(path, prep, rng)
 
-    def store(kind: str, paths: list[Path], views: int, seed: int) -> Path | None:
+    def store(kind: str) -> Path | None:
         if not cfg.cache_dir:
             return None
-        key = hashlib.sha256(
-            json.dumps([cfg.model, stages.start, views, seed, prep.to_dict(), [str(p) for p in paths]]).encode()
-        ).hexdigest()[:16]
-        return Path(cfg.cache_dir) / f"{kind}-{key}.pt"
+        key = json.dumps([cfg.model, stages.start, prep.to_dict(), cfg.seed])
+        return Path(cfg.cache_dir) / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     stages.set_train(False)
     t0 = time.time()
-    sk_list = [sketch_paths[i] for i in used_sketches]
-    ph_list = [photo_paths[i] for i in used_photos]
-    # real and pseudo-sketches are cached apart so that adding pseudo-sketches reuses the real ones
-    split = sum(1 for i in used_sketches if i < n_real)
-    parts = [
-        build_cache(
-            stages, [sketch_loader(p) for p in chunk], cfg.cache_views, cfg.seed, device, "cache sketches",
-            store=store("sketch", chunk, cfg.cache_views, cfg.seed),
-        )
-        for chunk in (sk_list[:split], sk_list[split:])
-        if chunk
-    ]
-    sk_cache = Cache(torch.cat([c.maps for c in parts]), torch.cat([c.taps for c in parts]))
-    ph_cache = build_cache(
-        stages, [photo_loader(p) for p in ph_list], cfg.cache_views, cfg.seed + 1, device, "cache photos",
-        store=store("photo", ph_list, cfg.cache_views, cfg.seed + 1),
-    )
+    sk_items = [(sketch_paths[i], sketch_loader(sketch_paths[i])) for i in used_sketches]
+    ph_items = [(photo_paths[i], photo_loader(photo_paths[i])) for i in used_photos]
+    sk_cache = build_cache(stages, sk_items, cfg.cache_views, cfg.seed, device, "cache sketches", store=store("sketch"))
+    ph_cache = build_cache(stages, ph_items, cfg.cache_views, cfg.seed, device, "cache photos", store=store("photo"))
     val_caches = []
     for v in val_sets:
-        vs_list, vp_list = [s.path for s in v.sketches], [p.path for p in v.photos]
-        val_caches.append((
-            v,
-            build_cache(stages, [sketch_loader(p) for p in vs_list], 1, 0, device, "cache val sketches",
-                        store=store("sketch", vs_list, 1, 0)),
-            build_cache(stages, [photo_loader(p) for p in vp_list], 1, 0, device, "cache val photos",
-                        store=store("photo", vp_list, 1, 0)),
-        ))
+        vs_items = [(s.path, sketch_loader(s.path)) for s in v.sketches]
+        vp_items = [(p.path, photo_loader(p.path)) for p in v.photos]
+        val_caches.append(
+            (
+                v,
+                build_cache(stages, vs_items, 1, cfg.seed, device, "cache val sketches", store=store("sketch")),
+                build_cache(stages, vp_items, 1, cfg.seed, device, "cache val photos", store=store("photo")),
+            )
+        )
     cache_seconds = time.time() - t0
     logger.info("cached frozen features in %.0f s", cache_seconds)
 
     # ---- optimiser
     trunk_params, head_params = stages.trainable()
-    groups = [{"params": head_params, "lr": cfg.lr}]
+    groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr}]
     if trunk_params:
         groups.append({"params": trunk_params, "lr": cfg.trunk_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    steps_per_epoch = max(1, math.ceil((len(real_pairs) + min(len(pseudo), cfg.pseudo_per_epoch)) / cfg.batch_size))
+    steps_per_epoch = max(
+        1, math.ceil((len(real_pairs) + min(len(pseudo), cfg.pseudo_per_epoch)) / cfg.batch_size)
+    )
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[g["lr"] for g in groups], total_steps=max(total, 2), pct_start=0.15
+        opt, max_lr=[float(g["lr"]) for g in groups], total_steps=max(total, 2), pct_start=0.15
     )
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     rng = random.Random(cfg.seed)
@@ -514,7 +526,9 @@ def train(
             return 0.0
         vals = []
         for r in results.values():
-            vals.append(r["instance"]["acc@1"] + r["instance"]["acc@10"] + (r["category"] or {}).get("mAP@all", 0))
+            vals.append(
+                r["instance"]["acc@1"] + r["instance"]["acc@10"] + (r["category"] or {}).get("mAP@all", 0)
+            )
         return float(np.mean(vals))
 
     probe_rng = random.Random(cfg.seed + 7)
@@ -535,7 +549,9 @@ def train(
 
     del probe_rng
     initial_loss = probe_loss()
-    best_state, best_score, best_epoch, history = None, -1.0, 0, []
+    best_state: dict[str, torch.Tensor] | None = None
+    best_score, best_epoch = -1.0, 0
+    history: list[dict[str, Any]] = []
     ce_on = cfg.ce_weight > 0 and isinstance(model, SketchPhotoEncoder)
     for epoch in range(1, cfg.epochs + 1):
         stages.set_train(True)
@@ -559,7 +575,7 @@ def train(
                 loss = triplet_loss(es, ep, cfg.margin, cfg.hard_negatives)
                 if ce_on:
                     labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
-                    weight = model.classifier  # type: ignore[union-attr]
+                    weight: torch.Tensor = model.classifier  # type: ignore[assignment]
                     loss = loss + cfg.ce_weight * 0.5 * (
                         category_loss(es, labels, weight, cfg.ce_scale)
                         + category_loss(ep, labels, weight, cfg.ce_scale)
@@ -574,12 +590,16 @@ def train(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         results = validate()
         epoch_score = score(results)
-        history.append({
-            "epoch": epoch, "loss": float(np.mean(losses)) if losses else 0.0, "probe_loss": probe_loss(),
-            "val": results,
-        })
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)) if losses else 0.0,
+                "probe_loss": probe_loss(),
+                "val": results,
+            }
+        )
         logger.info("epoch %d loss %.4f val %s", epoch, history[-1]["loss"], _summary(results))
-        if not val_caches or epoch_score > best_score:
+        if not val_caches or not cfg.select_best or epoch_score > best_score:
             best_score, best_epoch = epoch_score, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
@@ -587,9 +607,10 @@ def train(
     model.load_state_dict(best_state)
     model.to("cpu").eval()
     final_val = history[best_epoch - 1]["val"] if history else {}
-    threshold = None
+    threshold = cfg.threshold
     for r in final_val.values():
-        threshold = r["threshold"]["value"]
+        if threshold is None:
+            threshold = r["threshold"]["value"]
         break
     ckpt = Checkpoint(
         name=cfg.name or f"sketchsearch-{cfg.model}",
@@ -601,7 +622,12 @@ def train(
             "best_epoch": best_epoch,
             "initial_probe_loss": initial_loss,
             "history": [
-                {"epoch": h["epoch"], "loss": h["loss"], "probe_loss": h["probe_loss"], "val": _summary(h["val"])}
+                {
+                    "epoch": h["epoch"],
+                    "loss": h["loss"],
+                    "probe_loss": h["probe_loss"],
+                    "val": _summary(h["val"]),
+                }
                 for h in history
             ],
             "train_seconds": time.time() - t_start,
@@ -613,7 +639,9 @@ def train(
         categories=categories,
     )
     save_checkpoint(ckpt, out, half=False)
-    logger.info("saved %s (%s) after %.0f s, best epoch %d", out, ckpt.model_id, time.time() - t_start, best_epoch)
+    logger.info(
+        "saved %s (%s) after %.0f s, best epoch %d", out, ckpt.model_id, time.time() - t_start, best_epoch
+    )
     return ckpt
 
 

@@ -55,6 +55,17 @@ def train_command(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     name: Annotated[str, typer.Option(help="Model name (the id adds a weight hash).")] = "",
+    pseudo_per_epoch: Annotated[int, typer.Option(help="Pseudo-sketch pairs mixed into each epoch.")] = 1000,
+    threshold: Annotated[
+        float | None, typer.Option(help="Score threshold to store (default: calibrated on the first validation set).")
+    ] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Keep frozen-trunk features here and reuse them in later runs.")
+    ] = None,
+    half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
+    last_epoch: Annotated[
+        bool, typer.Option(help="Keep the last epoch rather than the one with the best validation score.")
+    ] = False,
 ) -> None:
     """Train a model; the checkpoint holds weights, config, preprocessing and validation metrics."""
     from encoder.train import TrainConfig, train
@@ -63,10 +74,15 @@ def train_command(
     cfg = TrainConfig(
         model=model, epochs=epochs, embed_dim=embed_dim, batch_size=batch_size, seed=seed, device=device,
         holdout=[c for c in holdout.split(",") if c], val_dirs=[str(v) for v in val or []],
-        pseudo_dirs=[str(p) for p in pseudo or []], name=name,
+        pseudo_dirs=[str(p) for p in pseudo or []], name=name, pseudo_per_epoch=pseudo_per_epoch,
+        threshold=threshold, cache_dir=str(cache_dir) if cache_dir else "", select_best=not last_epoch,
     )
     try:
         ckpt = train(list(data_dirs), cfg, out)
+        if half:
+            from encoder.checkpoint import save_checkpoint
+
+            save_checkpoint(ckpt, out, half=True)
     except SketchSearchError as exc:
         _fail(exc)
         return
@@ -190,7 +206,11 @@ def ingest_command(
             if not wait:
                 typer.echo(f"follow it with `sketchsearch jobs {job.id}`", err=True)
                 return
-            job = _follow(RedisJobStore(settings.broker_url), job.id, settings.queue)
+            try:
+                job = _follow(RedisJobStore(settings.broker_url), job.id, settings.queue)
+            except KeyboardInterrupt:
+                typer.echo(f"stopped following; the job goes on: `sketchsearch jobs {job.id}`", err=True)
+                raise typer.Exit(code=130) from None
         else:
             from services.gallery import load_active_model, open_gallery
             from services.vector_store import open_store
@@ -295,10 +315,9 @@ def _open_reader(settings: Settings) -> tuple[VectorStore, Gallery]:
     from services.gallery import load_active_model, open_gallery
     from services.vector_store import open_store
 
-    embedder = load_active_model(settings)
-    store = open_store(settings)
+    store = open_store(settings)  # first: a locked store fails before seconds of model loading
     try:
-        return store, open_gallery(store, embedder, create=False)
+        return store, open_gallery(store, load_active_model(settings), create=False)
     except BaseException:
         store.close()
         raise
@@ -371,9 +390,8 @@ def stats_command(as_json: JsonFlag = False) -> None:
 
     settings = _settings()
     try:
-        identity = read_model_identity(settings)
         with open_store(settings) as store:
-            stats = read_stats(store, identity)
+            stats = read_stats(store, read_model_identity(settings))
     except SketchSearchError as exc:
         _fail(exc)
         return

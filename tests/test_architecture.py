@@ -36,7 +36,9 @@ def test_imports_flow_one_way(package: str) -> None:
     forbidden = set(LAYERS) - LAYERS[package] - {package}
     for path in package_files(package):
         bad = module_imports(path, top_level_only=False) & forbidden
-        assert not bad, f"{path.relative_to(REPO)} imports {sorted(bad)}: {package} may use only {sorted(LAYERS[package])}"
+        assert not bad, (
+            f"{path.relative_to(REPO)} imports {sorted(bad)}: {package} may use only {sorted(LAYERS[package])}"
+        )
 
 
 def test_encoder_needs_only_torch_numpy_pil_at_import() -> None:

@@ -11,7 +11,14 @@ from PIL import Image, ImageDraw, ImageOps
 
 from encoder.embedder import Embedder, load_embedder
 from encoder.errors import EmptySketchError, InvalidImageError
-from encoder.preprocess import Preprocessing, crop_sketch, load_photo, load_sketch, prepare_photo, prepare_sketch
+from encoder.preprocess import (
+    Preprocessing,
+    crop_sketch,
+    load_photo,
+    load_sketch,
+    prepare_photo,
+    prepare_sketch,
+)
 
 
 def drawn_sketch(size: int = 256) -> Image.Image:
@@ -152,7 +159,11 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
 def test_photo_modes_are_normalised(tmp_path: Path) -> None:
     prep = Preprocessing()
     for mode in ("L", "P", "RGBA", "CMYK", "I;16"):
-        image = Image.new("RGB", (300, 200), (10, 120, 240)).convert(mode) if mode != "I;16" else Image.new(mode, (300, 200))
+        image = (
+            Image.new("RGB", (300, 200), (10, 120, 240)).convert(mode)
+            if mode != "I;16"
+            else Image.new(mode, (300, 200))
+        )
         arr = prepare_photo(load_photo(image, prep), prep)
         assert arr.shape == (3, 224, 224)
         assert np.isfinite(arr).all()

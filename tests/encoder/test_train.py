@@ -53,8 +53,17 @@ def test_seed_model_training_lowers_the_loss(sketchy: Path, tmp_path: Path) -> N
 @pytest.mark.slow
 def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_path: Path) -> None:
     data = small_set(sketchy, tmp_path)
-    cfg = TrainConfig(model="lite0", epochs=4, batch_size=12, lr=1e-3, trunk_lr=3e-4, cache_views=1, seed=2,
-                      holdout=["chair"], train_from_block=14)
+    cfg = TrainConfig(
+        model="lite0",
+        epochs=4,
+        batch_size=12,
+        lr=1e-3,
+        trunk_lr=3e-4,
+        cache_views=1,
+        seed=2,
+        holdout=["chair"],
+        train_from_block=14,
+    )
     out = tmp_path / "lite.pt"
     ckpt = train([data], cfg, out, progress=False)
     assert ckpt.metrics["history"][-1]["probe_loss"] < ckpt.metrics["initial_probe_loss"]

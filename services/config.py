@@ -1,0 +1,106 @@
+"""Settings of the platform, read from SKETCHSEARCH_* environment variables through one cached getter."""
+
+from __future__ import annotations
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    """Effective configuration; every field is SKETCHSEARCH_<NAME> in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="SKETCHSEARCH_", extra="ignore")
+
+    home: Path = Field(
+        default=Path(".sketchsearch"),
+        description="Local state: the embedded vector store, uploads, job records, ONNX model cache.",
+    )
+    qdrant_url: str | None = Field(
+        default=None,
+        description="Qdrant server URL; unset: embedded local mode under HOME (one process only).",
+    )
+    qdrant_api_key: str | None = Field(
+        default=None, description="API key for the Qdrant server, if it needs one."
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker (redis://...); unset: ingestion runs in-process."
+    )
+    model: str = Field(
+        default="default", description="Active model: 'default', a shipped name or a checkpoint path."
+    )
+    batch_size: int = Field(
+        default=64, ge=1, le=4096, description="Photos per embedding batch and per Celery task."
+    )
+    backend: str | None = Field(
+        default=None, description="Inference backend: onnx or torch (default: automatic)."
+    )
+    threads: int | None = Field(default=None, ge=1, description="Inference threads (default: all cores).")
+    queue: str = Field(default="sketchsearch", description="Celery queue the ingestion batches go to.")
+    visibility_timeout: int = Field(
+        default=600,
+        ge=1,
+        description="Seconds before an unacknowledged batch (its worker died) is delivered again; "
+        "must exceed the longest batch.",
+    )
+    search_limit: int = Field(
+        default=1000, ge=1, description="Most hits a threshold search returns (it has no top-k)."
+    )
+
+    @field_validator("qdrant_url", "broker_url", "qdrant_api_key", "backend", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `export SKETCHSEARCH_BROKER_URL=` is the usual way to switch a setting off in a shell
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def store_path(self) -> Path:
+        """Folder of the embedded (local mode) Qdrant store."""
+        return self.home / "qdrant"
+
+    @property
+    def jobs_path(self) -> Path:
+        """Folder of the job records kept when no broker is configured."""
+        return self.home / "jobs"
+
+    @property
+    def uploads_path(self) -> Path:
+        """Folder for photos and sketches uploaded through a UI (paths of stored photos point here)."""
+        return self.home / "uploads"
+
+    @property
+    def model_cache_path(self) -> Path:
+        """Folder of the ONNX graphs exported from checkpoints."""
+        return self.home / "models"
+
+    @property
+    def embedded(self) -> bool:
+        return self.qdrant_url is None
+
+    def describe(self) -> dict[str, str]:
+        """The effective settings as text, with what an unset value means; the API key is never shown."""
+        return {
+            "home": str(self.home.resolve()),
+            "qdrant_url": self.qdrant_url or f"(unset: embedded store at {self.store_path.resolve()})",
+            "qdrant_api_key": "(set)" if self.qdrant_api_key else "(unset)",
+            "broker_url": self.broker_url or "(unset: jobs run in-process)",
+            "model": self.model,
+            "batch_size": str(self.batch_size),
+            "backend": self.backend or "(automatic: torch on CUDA, else onnx)",
+            "threads": str(self.threads) if self.threads else "(all cores)",
+            "queue": self.queue,
+            "visibility_timeout": str(self.visibility_timeout),
+            "search_limit": str(self.search_limit),
+        }
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; call get_settings.cache_clear() after changing the environment."""
+    return Settings()

@@ -1,0 +1,37 @@
+"""Errors of the platform layer: each one says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+from encoder.errors import SketchSearchError
+
+
+class ConfigError(SketchSearchError):
+    """A setting that cannot work (for example a broker scheme without job records)."""
+
+
+class StoreUnavailableError(SketchSearchError):
+    """The vector store cannot be reached or answered with an error."""
+
+
+class StoreLockedError(StoreUnavailableError):
+    """The embedded store is already open in another process (qdrant local mode allows one)."""
+
+
+class DimensionMismatchError(SketchSearchError):
+    """A collection whose vectors do not have the model's dimension; it is never written into."""
+
+
+class GalleryNotFoundError(SketchSearchError):
+    """No collection exists yet for the active model."""
+
+
+class PhotoNotFoundError(SketchSearchError):
+    """A photo id (or file) that is not in the gallery."""
+
+
+class BrokerUnavailableError(SketchSearchError):
+    """The Celery broker (Redis) cannot be reached."""
+
+
+class JobNotFoundError(SketchSearchError):
+    """A job id without a record."""

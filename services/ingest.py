@@ -1,0 +1,197 @@
+"""Ingestion: photo files -> hashes -> embeddings of the photos not stored yet -> the vector store."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+if TYPE_CHECKING:
+    # runtime imports stay local: enqueueing (Celery mode) needs neither torch nor qdrant-client
+    from services.gallery import Gallery
+
+logger = logging.getLogger(__name__)
+
+_EXIF_ORIENTATION = 0x0112
+PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+@dataclass(frozen=True)
+class PhotoFile:
+    """A file to ingest and the category it will be stored under."""
+
+    path: Path
+    category: str
+
+
+@dataclass(frozen=True)
+class IngestFailure:
+    path: str
+    reason: str
+
+
+@dataclass
+class IngestSummary:
+    """What an ingestion did: photos added, photos already stored (same bytes), files that failed."""
+
+    added: int = 0
+    already_present: int = 0
+    failures: list[IngestFailure] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> int:
+        return len(self.failures)
+
+    @property
+    def processed(self) -> int:
+        return self.added + self.already_present + self.failed
+
+    def merge(self, other: IngestSummary) -> None:
+        self.added += other.added
+        self.already_present += other.already_present
+        self.failures.extend(other.failures)
+        self.seconds += other.seconds
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "added": self.added,
+            "already_present": self.already_present,
+            "failed": [{"path": f.path, "reason": f.reason} for f in self.failures],
+            "seconds": round(self.seconds, 3),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> IngestSummary:
+        return cls(
+            added=int(data.get("added", 0)),
+            already_present=int(data.get("already_present", 0)),
+            failures=[IngestFailure(str(f["path"]), str(f["reason"])) for f in data.get("failed", [])],
+            seconds=float(data.get("seconds", 0.0)),
+        )
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES and not path.name.startswith("."):
+            yield path
+
+
+def collect_photos(
+    paths: Sequence[Path], label: str | None = None
+) -> tuple[list[PhotoFile], list[IngestFailure]]:
+    """Files and folders (walked recursively) -> photo files with absolute paths, each once, and the paths
+    that cannot be ingested at all (missing, or a file named explicitly that is not a photo type)."""
+    files: list[PhotoFile] = []
+    rejected: list[IngestFailure] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        path = path.resolve()
+        if path not in seen:
+            seen.add(path)
+            files.append(PhotoFile(path, label or path.parent.name))
+
+    for given in paths:
+        if given.is_dir():
+            for path in _walk(given):
+                add(path)
+        elif given.is_file():
+            if given.suffix.lower() in PHOTO_SUFFIXES:
+                add(given)
+            else:
+                rejected.append(
+                    IngestFailure(str(given), f"not a photo type ({', '.join(sorted(PHOTO_SUFFIXES))})")
+                )
+        else:
+            rejected.append(IngestFailure(str(given), "no such file or folder"))
+    return files, rejected
+
+
+def hash_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, hex."""
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def read_photo_size(path: Path) -> tuple[int, int]:
+    """The photo's displayed size from its header (EXIF rotation applied). The decoder's own sizes are those
+    of the reduced JPEG draft it embeds, not of the photo."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def ingest_batch(gallery: Gallery, files: Sequence[PhotoFile]) -> IngestSummary:
+    """Ingest one batch: hash every file, look the ids up (hashing is cheap, embedding is not), embed and
+    upsert only the new ones. Bad files become failures; store errors propagate (the batch can be redone:
+    writes are idempotent by id)."""
+    from services.vector_store import PhotoRecord, photo_id
+
+    t0 = time.perf_counter()
+    summary = IngestSummary()
+    hashed: dict[str, tuple[PhotoFile, str]] = {}  # point id -> (file, sha256); first file wins
+    for item in files:
+        try:
+            digest = hash_file(item.path)
+        except OSError as exc:
+            summary.failures.append(IngestFailure(str(item.path), f"cannot read: {exc.strerror or exc}"))
+            continue
+        pid = photo_id(digest)
+        if pid in hashed:
+            summary.already_present += 1  # the same bytes twice in one batch
+        else:
+            hashed[pid] = (item, digest)
+
+    present = gallery.store.existing_ids(gallery.collection, list(hashed))
+    summary.already_present += len(present)
+    todo = [(pid, item, digest) for pid, (item, digest) in hashed.items() if pid not in present]
+    if todo:
+        result = gallery.embedder.embed_photo_files([item.path for _, item, _ in todo], batch_size=len(todo))
+        for failure in result.failures:
+            # the decoder's messages start with the path, which the failure already carries
+            reason = failure.reason.removeprefix(f"{failure.path}: ")
+            summary.failures.append(IngestFailure(str(failure.path), reason))
+        by_path = {item.path: (pid, item, digest) for pid, item, digest in todo}
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        records = []
+        for path in result.paths:
+            pid, item, digest = by_path[path]
+            width, height = read_photo_size(path)
+            records.append(PhotoRecord(pid, str(item.path), item.category, digest, width, height, now))
+        gallery.store.upsert_photos(gallery.collection, records, result.vectors)
+        summary.added += len(records)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def split_batches(files: Sequence[PhotoFile], batch_size: int) -> list[list[PhotoFile]]:
+    return [list(files[i : i + batch_size]) for i in range(0, len(files), batch_size)]
+
+
+def ingest_files(
+    gallery: Gallery,
+    files: Sequence[PhotoFile],
+    batch_size: int,
+    on_batch: Callable[[int, IngestSummary], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> IngestSummary:
+    """Ingest files batch by batch; on_batch(index, batch summary) after each one is stored, so an interrupted
+    run loses at most the batch in flight. should_stop() is checked between batches."""
+    total = IngestSummary()
+    for index, batch in enumerate(split_batches(files, batch_size)):
+        if should_stop and should_stop():
+            break
+        summary = ingest_batch(gallery, batch)
+        total.merge(summary)
+        if on_batch:
+            on_batch(index, summary)
+    return total

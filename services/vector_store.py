@@ -1,0 +1,429 @@
+"""The vector store: photo embeddings in Qdrant, one collection per model, embedded or on a server."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+
+from services.config import Settings
+from services.errors import (
+    DimensionMismatchError,
+    GalleryNotFoundError,
+    StoreLockedError,
+    StoreUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+GALLERY_ALIAS = "gallery"
+COLLECTION_PREFIX = "photos"
+_LOCK_MESSAGE = "already accessed by another instance"
+# Reads by id are chunked so that one request stays small whatever the batch size.
+_RETRIEVE_CHUNK = 256
+
+
+def collection_name(model_id: str, dim: int) -> str:
+    """The collection of one model: its id and dimension in the name, so models never share vectors."""
+    return f"{COLLECTION_PREFIX}-{model_id}-d{dim}"
+
+
+def photo_id(sha256_hex: str) -> str:
+    """The point id of a photo: a UUID made of the first 16 bytes of its SHA-256, so that the same bytes map
+    to the same point whatever the file's path."""
+    return str(uuid.UUID(bytes=bytes.fromhex(sha256_hex)[:16]))
+
+
+@dataclass(frozen=True)
+class PhotoRecord:
+    """A stored photo's payload and id."""
+
+    id: str
+    path: str
+    category: str
+    sha256: str
+    width: int
+    height: int
+    ingested_at: str
+
+    def payload(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["id"]
+        return data
+
+    @classmethod
+    def from_point(cls, point_id: Any, payload: dict[str, Any] | None) -> PhotoRecord:
+        data = payload or {}
+        return cls(
+            id=str(point_id),
+            path=str(data.get("path", "")),
+            category=str(data.get("category", "")),
+            sha256=str(data.get("sha256", "")),
+            width=int(data.get("width", 0)),
+            height=int(data.get("height", 0)),
+            ingested_at=str(data.get("ingested_at", "")),
+        )
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """One search result, best first in a list."""
+
+    id: str
+    path: str
+    score: float
+    category: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.id, "path": self.path, "score": self.score, "category": self.category}
+
+
+@contextmanager
+def _translated(what: str, location: str) -> Iterator[None]:
+    """Turn qdrant-client and transport exceptions into StoreUnavailableError, once, at the boundary."""
+    try:
+        yield
+    except (ResponseHandlingException, ConnectionError, TimeoutError) as exc:
+        raise StoreUnavailableError(f"{what}: cannot reach the vector store at {location} ({exc})") from exc
+    except UnexpectedResponse as exc:
+        raise StoreUnavailableError(f"{what}: the vector store at {location} answered {exc}") from exc
+
+
+class VectorStore:
+    """A Qdrant client with the operations the gallery needs. Open with open_store(); close when done."""
+
+    def __init__(self, client: QdrantClient, location: str, embedded: bool, owner: _OwnerLock | None = None) -> None:
+        self.client = client
+        self.location = location
+        self.embedded = embedded
+        self._owner = owner
+        # local mode keeps numpy arrays that an upsert resizes: a search from another thread must not
+        # run in the middle of it (a server serialises for us, the lock then costs next to nothing)
+        self._lock = threading.RLock()
+
+    @contextmanager
+    def _op(self, what: str) -> Iterator[None]:
+        with self._lock, _translated(what, self.location), warnings.catch_warnings():
+            # local mode warns on every write past 20k points; docs/PLATFORM.md says when to use a server
+            warnings.filterwarnings("ignore", message="Local mode is not recommended", category=UserWarning)
+            yield
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the store (in embedded mode: the folder lock, so another process may open it)."""
+        try:
+            self.client.close()
+        finally:
+            if self._owner is not None:
+                self._owner.release()
+                self._owner = None
+
+    def speed_up_local_writes(self) -> None:
+        """Embedded mode only. qdrant-client's local mode commits one SQLite transaction per point, each
+        with an fsync: about 18 ms a point here, a ceiling of ~55 photos/s whatever the model. WAL with
+        synchronous=NORMAL keeps every commit atomic and intact when the process is killed; only a power cut
+        can lose the last commits, and the next ingest re-adds exactly those (photos are skipped by id).
+        This reaches into qdrant-client's private objects, so a changed layout only costs speed."""
+        if not self.embedded:
+            return
+        try:
+            collections = self.client._client.collections  # type: ignore[attr-defined]
+            for name, collection in collections.items():
+                storage = getattr(collection, "storage", None)
+                conn = getattr(storage, "storage", None)
+                if isinstance(conn, sqlite3.Connection):
+                    conn.execute("PRAGMA journal_mode=WAL")
+                    conn.execute("PRAGMA synchronous=NORMAL")
+                else:
+                    logger.debug("collection %s: no SQLite storage found, writes stay synchronous", name)
+        except (AttributeError, sqlite3.Error) as exc:
+            logger.warning("could not switch the embedded store to WAL (ingestion will be slower): %s", exc)
+
+    # --- collections -------------------------------------------------------------------------------------
+
+    def collection_dimension(self, name: str) -> int | None:
+        """The vector size of a collection, None when it does not exist; -1 for a layout we never create."""
+        with self._op(f"collection {name}"):
+            if not self.client.collection_exists(name):
+                return None
+            params = self.client.get_collection(name).config.params.vectors
+        if isinstance(params, models.VectorParams):
+            return int(params.size)
+        return -1  # named vectors: not ours
+
+    def check_dimension(self, name: str, size: int, dim: int, model_id: str) -> None:
+        if size != dim:
+            found = "named vectors" if size < 0 else f"{size}-dimensional vectors"
+            raise DimensionMismatchError(
+                f"collection {name} holds {found} but model {model_id} embeds {dim} dimensions; "
+                "it will not be written into. Use the model that built it (SKETCHSEARCH_MODEL) or delete "
+                f"the collection and ingest again (embedded store: remove {self.location})"
+            )
+
+    def ensure_collection(self, model_id: str, dim: int) -> str:
+        """Create (or check) the model's collection, index category where supported, point `gallery` at it."""
+        name = collection_name(model_id, dim)
+        size = self.collection_dimension(name)
+        if size is not None:
+            self.check_dimension(name, size, dim, model_id)
+        else:
+            with self._op(f"create collection {name}"):
+                self.client.create_collection(
+                    name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                )
+                if not self.embedded:
+                    # local mode has no payload indexes (qdrant-client warns and ignores them); a server
+                    # uses this one for category filters and for the category counts (facets)
+                    self.client.create_payload_index(name, "category", models.PayloadSchemaType.KEYWORD)
+            logger.info("created collection %s (%d dimensions, cosine)", name, dim)
+            self.speed_up_local_writes()
+        self._point_alias(name)
+        return name
+
+    def find_collection(self, model_id: str, dim: int) -> str:
+        """The model's existing collection for reading; GalleryNotFoundError or DimensionMismatchError."""
+        name = collection_name(model_id, dim)
+        size = self.collection_dimension(name)
+        if size is not None:
+            self.check_dimension(name, size, dim, model_id)
+            return name
+        target = self.alias_target(GALLERY_ALIAS)
+        hint = "ingest photos with `sketchsearch ingest PATH`"
+        if target is not None:
+            target_size = self.collection_dimension(target)
+            if target_size is not None and target_size != dim:
+                raise DimensionMismatchError(
+                    f"the gallery ({GALLERY_ALIAS} -> {target}) holds {target_size}-dimensional vectors but "
+                    f"the active model {model_id} embeds {dim}: set SKETCHSEARCH_MODEL to the model that "
+                    f"built it, or {hint} to build this model's collection"
+                )
+            raise GalleryNotFoundError(
+                f"no photos for model {model_id} yet (the gallery alias points to {target}, another model): "
+                f"set SKETCHSEARCH_MODEL to that model, or {hint}"
+            )
+        raise GalleryNotFoundError(f"the gallery is empty for model {model_id}: {hint}")
+
+    def alias_target(self, alias: str) -> str | None:
+        with self._op(f"alias {alias}"):
+            for item in self.client.get_aliases().aliases:
+                if item.alias_name == alias:
+                    return str(item.collection_name)
+        return None
+
+    def _point_alias(self, name: str) -> None:
+        current = self.alias_target(GALLERY_ALIAS)
+        if current == name:
+            return
+        ops: list[Any] = []
+        if current is not None:
+            ops.append(models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=GALLERY_ALIAS)))
+        ops.append(
+            models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=name, alias_name=GALLERY_ALIAS))
+        )
+        with self._op(f"alias {GALLERY_ALIAS}"):
+            self.client.update_collection_aliases(change_aliases_operations=ops)
+        logger.info("alias %s -> %s (was %s)", GALLERY_ALIAS, name, current)
+
+    def list_collections(self) -> list[str]:
+        with self._op("list collections"):
+            return sorted(c.name for c in self.client.get_collections().collections)
+
+    # --- points ------------------------------------------------------------------------------------------
+
+    def existing_ids(self, collection: str, ids: Sequence[str]) -> set[str]:
+        """The subset of ids already stored (no vectors or payloads transferred)."""
+        found: set[str] = set()
+        with self._op(f"read {collection}"):
+            for start in range(0, len(ids), _RETRIEVE_CHUNK):
+                chunk = list(ids[start : start + _RETRIEVE_CHUNK])
+                points = self.client.retrieve(collection, chunk, with_payload=False, with_vectors=False)
+                found.update(str(p.id) for p in points)
+        return found
+
+    def upsert_photos(self, collection: str, records: Sequence[PhotoRecord], vectors: np.ndarray) -> None:
+        """Write photos; the same id overwrites, so a batch done twice stores each photo once."""
+        if not records:
+            return
+        if vectors.shape != (len(records), vectors.shape[1]):
+            raise ValueError(f"{len(records)} records but vectors of shape {vectors.shape}")
+        with self._op(f"write {collection}"):
+            self.client.upsert(
+                collection,
+                points=models.Batch(
+                    ids=[r.id for r in records],
+                    vectors=np.asarray(vectors, dtype=np.float32).tolist(),
+                    payloads=[r.payload() for r in records],
+                ),
+                wait=True,
+            )
+
+    def get_photo(self, collection: str, point_id: str) -> PhotoRecord | None:
+        with self._op(f"read {collection}"):
+            points = self.client.retrieve(collection, [point_id], with_payload=True, with_vectors=False)
+        return PhotoRecord.from_point(points[0].id, points[0].payload) if points else None
+
+    def search(
+        self,
+        collection: str,
+        query: np.ndarray | str,
+        limit: int,
+        score_threshold: float | None = None,
+        category: str | None = None,
+    ) -> list[SearchHit]:
+        """Nearest photos to a vector, or to a stored photo given its id (the photo itself excluded)."""
+        flt = None
+        if category is not None:
+            flt = models.Filter(must=[models.FieldCondition(key="category", match=models.MatchValue(value=category))])
+        q: Any = query if isinstance(query, str) else np.asarray(query, dtype=np.float32).tolist()
+        with self._op(f"search {collection}"):
+            result = self.client.query_points(
+                collection,
+                query=q,
+                limit=limit,
+                score_threshold=score_threshold,
+                query_filter=flt,
+                with_payload=["path", "category"],
+                with_vectors=False,
+            )
+        return [
+            SearchHit(
+                id=str(p.id),
+                path=str((p.payload or {}).get("path", "")),
+                score=float(p.score),
+                category=str((p.payload or {}).get("category", "")),
+            )
+            for p in result.points
+        ]
+
+    def count_photos(self, collection: str) -> int:
+        with self._op(f"count {collection}"):
+            return int(self.client.count(collection, exact=True).count)
+
+    def count_categories(self, collection: str) -> dict[str, int]:
+        """Photos per category, most first (a facet over the category payload)."""
+        with self._op(f"count {collection}"):
+            total = self.client.count(collection, exact=True).count
+            if total == 0:
+                return {}
+            response = self.client.facet(collection, key="category", limit=max(total, 1), exact=True)
+        return {str(hit.value): int(hit.count) for hit in response.hits}
+
+
+class _OwnerLock:
+    """The embedded store's owner: an exclusive advisory lock on HOME/store.owner, which also says who holds
+    it. Taken before qdrant-client opens the folder, because qdrant-client reads the whole store into memory
+    before it checks its own lock: a second process is refused at once, having read nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: TextIO | None = None
+
+    def acquire(self) -> bool:
+        handle = self.path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return False
+        program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+        if program == "__main__.py":  # python -m <package>
+            program = f"python -m {Path(sys.argv[0]).parent.name}"
+        record = {
+            "pid": os.getpid(),
+            "command": " ".join([program, *sys.argv[1:3]]),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(record))
+        handle.flush()
+        self._handle = handle
+        return True
+
+    def release(self) -> None:
+        if self._handle is not None:
+            # emptied while still held, so the next owner's record is never overwritten
+            self._handle.truncate(0)
+            fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    def describe_holder(self) -> str:
+        try:
+            record = json.loads(self.path.read_text())
+            return f"process {int(record['pid'])} ({record.get('command', '?')}, since {record.get('since', '?')})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+
+def _locked_error(path: Path, holder: str) -> StoreLockedError:
+    return StoreLockedError(
+        f"the embedded store at {path.resolve()} is in use by {holder}; only one process may open it. Stop "
+        "that process, or run a Qdrant server and set SKETCHSEARCH_QDRANT_URL (for example "
+        "http://localhost:6333) so that several processes can share the gallery"
+    )
+
+
+def open_store(settings: Settings) -> VectorStore:
+    """Open the configured store: the Qdrant server at QDRANT_URL, or the embedded store under HOME, which
+    only one process may hold (StoreLockedError otherwise)."""
+    if settings.qdrant_url:
+        url = settings.qdrant_url
+        # no version check: it is a request at construction that warns instead of failing; the
+        # list_collections() below is the check that matters (reachable, and answering)
+        client = QdrantClient(url=url, api_key=settings.qdrant_api_key, timeout=30, check_compatibility=False)
+        store = VectorStore(client, url, embedded=False)
+        try:
+            store.list_collections()  # the client connects lazily: fail here, with the fix, not mid-ingest
+        except StoreUnavailableError as exc:
+            client.close()
+            raise StoreUnavailableError(
+                f"{exc}. Start the Qdrant server, or unset SKETCHSEARCH_QDRANT_URL to use the embedded store"
+            ) from exc
+        return store
+
+    path = settings.store_path
+    path.mkdir(parents=True, exist_ok=True)
+    owner = _OwnerLock(settings.home / "store.owner")
+    if not owner.acquire():
+        raise _locked_error(path, owner.describe_holder())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the "local mode is not recommended beyond 20k points" warning
+            client = QdrantClient(path=str(path))
+    except RuntimeError as exc:
+        owner.release()
+        if _LOCK_MESSAGE not in str(exc):
+            raise StoreUnavailableError(f"cannot open the embedded store at {path}: {exc}") from exc
+        # a program other than sketchsearch opened the folder with qdrant-client
+        raise _locked_error(path, "another program using qdrant-client") from exc
+    except (ValueError, OSError) as exc:
+        owner.release()
+        raise StoreUnavailableError(f"cannot open the embedded store at {path}: {exc}") from exc
+    except BaseException:
+        owner.release()
+        raise
+    store = VectorStore(client, str(path.resolve()), embedded=True, owner=owner)
+    store.speed_up_local_writes()
+    return store
