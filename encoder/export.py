@@ -15,6 +15,8 @@ from encoder.model import DomainEncoder
 logger = logging.getLogger(__name__)
 
 DOMAINS = ("photo", "sketch")
+# bumped whenever the exported graph changes for the same weights, so that cached exports are redone
+EXPORT_VERSION = 3
 
 
 def export_onnx(model: nn.Module, domain: str, image_size: int, channels: int, path: Path) -> Path:

@@ -115,6 +115,7 @@ def load_hed(weights_path: Path | None = None) -> HED:
                 )
             # Keras and torch convolutions are both cross-correlations: transpose only, no kernel flip.
             conv.weight.data.copy_(torch.from_numpy(np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))))
+            assert conv.bias is not None
             conv.bias.data.copy_(torch.from_numpy(bias))
 
         for b, block in enumerate(model.blocks, start=1):
@@ -125,18 +126,19 @@ def load_hed(weights_path: Path | None = None) -> HED:
                 for g in f[f"block{b}/layers"].values()
                 if "vars" in g and "0" in g["vars"]
             }
-            convs = [m for m in block if isinstance(m, nn.Conv2d)]
+            convs = [m for m in block.modules() if isinstance(m, nn.Conv2d)]
             for j, conv in enumerate(convs, start=1):
                 name = f"block{b}_conv{j}"
                 if name not in by_name:
                     raise ValueError(f"{path}: no weights for {name} (found {sorted(map(str, by_name))})")
                 put(conv, by_name[name], name)
-        for i, conv in enumerate(model.dsn, start=1):
-            put(conv, f[f"dsn{i}/vars"], f"dsn{i}")
+        for i, side in enumerate(model.dsn, start=1):
+            assert isinstance(side, nn.Conv2d)
+            put(side, f[f"dsn{i}/vars"], f"dsn{i}")
         put(model.fuse, f["fuse/vars"], "fuse")
     logger.info("loaded HED weights from %s", path)
     # channels_last is ~25% faster than NCHW for this net on CPU.
-    return model.to(memory_format=torch.channels_last).eval()
+    return model.to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload,no-any-return]
 
 
 def detect_edges(model: HED, images: list[Image.Image]) -> list[np.ndarray]:

@@ -34,8 +34,8 @@ def output_path(photo: Path, out_dir: Path) -> Path:
 
 def load_photo(path: Path, long_side: int) -> Image.Image:
     """RGB photo resized so that its long side is `long_side` px."""
-    with Image.open(path) as im:
-        im = im.convert("RGB")
+    with Image.open(path) as opened:
+        im: Image.Image = opened.convert("RGB")
     w, h = im.size
     if max(w, h) != long_side:
         scale = long_side / max(w, h)

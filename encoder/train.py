@@ -60,7 +60,9 @@ class TrainConfig:
     ce_weight: float = 0.5  # category cross-entropy beside the triplet loss (0: off)
     ce_scale: float = 16.0
     embed_dim: int = 256
+    image_size: int = 0  # 0: the architecture's own (lite0 224, seed 96)
     dropout: float = 0.5
+    shared_head: bool = True  # one head for both domains (False: a sketch head and a photo head)
     train_from_block: int = 11  # blocks before this one are frozen and cached
     cache_views: int = 2  # augmented views cached per image (the first is unaugmented)
     select_best: bool = True  # keep the epoch with the best validation score (False: the last epoch)
@@ -221,7 +223,9 @@ def build_cache(
     known: dict[str, list[torch.Tensor]] = {}
     if store is not None and store.is_file():
         known = torch.load(store, weights_only=True)
-    todo = [(i, v) for i, (path, _) in enumerate(items) for v in range(views) if f"{path}#{v}" not in known]
+    # keyed by resolved path, so that runs naming the same files differently share the cache
+    names = [str(Path(path).resolve()) for path, _ in items]
+    todo = [(i, v) for i in range(len(items)) for v in range(views) if f"{names[i]}#{v}" not in known]
     with tqdm(total=len(todo), desc=desc, unit="img", leave=False, disable=not todo) as bar:
         for lo in range(0, len(todo), batch):
             chunk = todo[lo : lo + batch]
@@ -230,15 +234,15 @@ def build_cache(
             ]
             h, t = stages.front(torch.from_numpy(np.stack(arrays)).to(device))
             for k, (i, v) in enumerate(chunk):
-                known[f"{items[i][0]}#{v}"] = [h[k].half().cpu().clone(), t[k].half().cpu().clone()]
+                known[f"{names[i]}#{v}"] = [h[k].half().cpu().clone(), t[k].half().cpu().clone()]
             bar.update(len(chunk))
     if store is not None and todo:
         store.parent.mkdir(parents=True, exist_ok=True)
         tmp = store.with_suffix(".tmp")
         torch.save(known, tmp)
         tmp.replace(store)
-    maps = torch.stack([torch.stack([known[f"{p}#{v}"][0] for v in range(views)]) for p, _ in items])
-    taps = torch.stack([torch.stack([known[f"{p}#{v}"][1] for v in range(views)]) for p, _ in items])
+    maps = torch.stack([torch.stack([known[f"{n}#{v}"][0] for v in range(views)]) for n in names])
+    taps = torch.stack([torch.stack([known[f"{n}#{v}"][1] for v in range(views)]) for n in names])
     return Cache(maps, taps)
 
 
@@ -373,15 +377,17 @@ def train(
 
     # ---- model
     if cfg.model == "seed":
-        mcfg = ModelConfig(arch="seed", embed_dim=128, image_size=128, channels=1, mid_blocks=(), dropout=0.0)
-        prep = Preprocessing(image_size=128, channels=1, mean=0.0, std=255.0)
+        size = cfg.image_size or 96
+        mcfg = ModelConfig(arch="seed", embed_dim=128, image_size=size, channels=1, mid_blocks=(), dropout=0.0)
+        prep = Preprocessing(image_size=size, channels=1, mean=0.0, std=255.0)
     elif cfg.model in LITE_SCALING:
-        size = LITE_SCALING[cfg.model][2]
+        size = cfg.image_size or LITE_SCALING[cfg.model][2]
         mcfg = ModelConfig(
             arch=cfg.model,
             embed_dim=cfg.embed_dim,
             image_size=size,
             dropout=cfg.dropout,
+            shared_head=cfg.shared_head,
             num_classes=len(categories),
         )
         prep = Preprocessing(image_size=size)
@@ -452,7 +458,9 @@ def train(
     def store(kind: str) -> Path | None:
         if not cfg.cache_dir:
             return None
-        key = json.dumps([cfg.model, stages.start, prep.to_dict(), cfg.seed])
+        # only what changes the frozen front's inputs or outputs belongs in the key
+        front_prep = {k: v for k, v in prep.to_dict().items() if k not in ("sketch_flip", "max_pixels")}
+        key = json.dumps([cfg.model, stages.start, front_prep, cfg.seed])
         return Path(cfg.cache_dir) / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     stages.set_train(False)

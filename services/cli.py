@@ -63,6 +63,9 @@ def train_command(
         Path | None, typer.Option(help="Keep frozen-trunk features here and reuse them in later runs.")
     ] = None,
     half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
+    separate_heads: Annotated[
+        bool, typer.Option(help="A sketch head and a photo head instead of one shared head.")
+    ] = False,
     last_epoch: Annotated[
         bool, typer.Option(help="Keep the last epoch rather than the one with the best validation score.")
     ] = False,
@@ -76,6 +79,7 @@ def train_command(
         holdout=[c for c in holdout.split(",") if c], val_dirs=[str(v) for v in val or []],
         pseudo_dirs=[str(p) for p in pseudo or []], name=name, pseudo_per_epoch=pseudo_per_epoch,
         threshold=threshold, cache_dir=str(cache_dir) if cache_dir else "", select_best=not last_epoch,
+        shared_head=not separate_heads,
     )
     try:
         ckpt = train(list(data_dirs), cfg, out)
@@ -95,7 +99,9 @@ def train_command(
 @app.command("eval")
 def eval_command(
     data_dir: Annotated[Path, typer.Argument(help="A folder in the Sketchy layout.")],
-    model: Annotated[str, typer.Option(help="default, a shipped name, imagenet-lite0, or a checkpoint path.")] = "default",
+    model: Annotated[
+        str, typer.Option(help="default, a shipped name, imagenet-lite0, or a checkpoint path.")
+    ] = "default",
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     categories: Annotated[str, typer.Option(help="Comma-separated categories to restrict to.")] = "",
     backend: Annotated[str | None, typer.Option(help="onnx (CPU) or torch; default: torch on CUDA, else onnx.")] = None,
