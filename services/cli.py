@@ -44,7 +44,9 @@ def train_command(
     data_dirs: Annotated[list[Path], typer.Argument(help="Sketchy-layout folder(s), or a folder holding several.")],
     model: Annotated[str, typer.Option(help="seed, lite0, lite1 or lite2.")] = "lite0",
     epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 8,
-    out: Annotated[Path, typer.Option(help="Checkpoint file to write.")] = Path("runs/model.pt"),
+    out: Annotated[
+        Path, typer.Option(help="Output folder (gets model.pt), or a checkpoint file name ending in .pt.")
+    ] = Path("runs"),
     holdout: Annotated[str, typer.Option(help="Comma-separated categories kept out for validation.")] = "",
     val: Annotated[list[Path] | None, typer.Option(help="Extra Sketchy-layout folder(s) to validate on.")] = None,
     pseudo: Annotated[
@@ -81,6 +83,8 @@ def train_command(
         threshold=threshold, cache_dir=str(cache_dir) if cache_dir else "", select_best=not last_epoch,
         shared_head=not separate_heads,
     )
+    if out.suffix != ".pt":
+        out = out / "model.pt"
     try:
         ckpt = train(list(data_dirs), cfg, out)
         if half:

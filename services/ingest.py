@@ -11,15 +11,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PIL import Image
-
 if TYPE_CHECKING:
     # runtime imports stay local: enqueueing (Celery mode) needs neither torch nor qdrant-client
     from services.gallery import Gallery
 
 logger = logging.getLogger(__name__)
 
-_EXIF_ORIENTATION = 0x0112
 PHOTO_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
 
@@ -121,15 +118,6 @@ def hash_file(path: Path) -> str:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
-def read_photo_size(path: Path) -> tuple[int, int]:
-    """The photo's displayed size from its header (EXIF rotation applied). The decoder's own sizes are those
-    of the reduced JPEG draft it embeds, not of the photo."""
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-
-
 def ingest_batch(gallery: Gallery, files: Sequence[PhotoFile]) -> IngestSummary:
     """Ingest one batch: hash every file, look the ids up (hashing is cheap, embedding is not), embed and
     upsert only the new ones. Bad files become failures; store errors propagate (the batch can be redone:
@@ -163,9 +151,8 @@ def ingest_batch(gallery: Gallery, files: Sequence[PhotoFile]) -> IngestSummary:
         by_path = {item.path: (pid, item, digest) for pid, item, digest in todo}
         now = datetime.now(UTC).isoformat(timespec="seconds")
         records = []
-        for path in result.paths:
-            pid, item, digest = by_path[path]
-            width, height = read_photo_size(path)
+        for path, (width, height) in zip(result.paths, result.sizes, strict=True):
+            pid, item, digest = by_path[path]  # sizes are the files' own (EXIF-rotated), not the draft decode's
             records.append(PhotoRecord(pid, str(item.path), item.category, digest, width, height, now))
         gallery.store.upsert_photos(gallery.collection, records, result.vectors)
         summary.added += len(records)

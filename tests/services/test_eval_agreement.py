@@ -31,7 +31,7 @@ def _acc_at_10_through_the_store(store: VectorStore, embedder: Embedder, root: P
         if own is None:
             continue
         queries += 1
-        found += own in {h.path for h in search_sketch(gallery, sketch.path, top_k=10)}
+        found += own in {str(Path(h.path).resolve()) for h in search_sketch(gallery, sketch.path, top_k=10)}
     return found, queries
 
 

@@ -1,0 +1,53 @@
+"""`sketchsearch train` and `sketchsearch eval` end to end: a checkpoint folder, then the exact JSON keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from services.cli import app
+from tests.encoder.test_train import small_set
+
+pytestmark = pytest.mark.slow
+
+
+def test_train_to_a_folder_then_eval_writes_the_documented_json(sketchy: Path, tmp_path: Path) -> None:
+    data = small_set(sketchy, tmp_path)
+    runner = CliRunner()
+    out_dir = tmp_path / "run"
+    result = runner.invoke(
+        app, ["train", str(data), "--model", "seed", "--epochs", "2", "--batch-size", "8", "--out", str(out_dir)]
+    )
+    assert result.exit_code == 0, result.output
+    assert (out_dir / "model.pt").is_file()
+
+    report_path = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", str(data), "--model", str(out_dir), "--json", str(report_path)])
+    assert result.exit_code == 0, result.output
+    assert "acc@1" in result.output and "mAP@all" in result.output
+    report = json.loads(report_path.read_text())
+    assert set(report) == {"model", "gallery", "queries", "instance", "category", "threshold", "seconds"}
+    assert set(report["instance"]) == {"queries", "acc@1", "acc@3", "acc@5", "acc@10", "median_rank"}
+    assert set(report["category"]) == {"mAP@all", "P@100"}
+    assert set(report["threshold"]) == {"value", "recall", "precision"}
+    assert set(report["seconds"]) == {"embed", "total"}
+    assert report["gallery"] == 12 and report["queries"] == 12 and report["instance"]["queries"] == 12
+    assert report["model"].startswith("sketchsearch-seed-v1-")
+    for key in ("acc@1", "acc@3", "acc@5", "acc@10"):
+        assert 0.0 <= report["instance"][key] <= 1.0
+    assert report["category"]["mAP@all"] > 0
+
+
+def test_eval_of_a_folder_without_the_layout_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "Sketchy layout" in result.output
+
+
+def test_eval_with_an_unknown_model_is_a_clear_error(sketchy: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, ["eval", str(sketchy), "--model", str(tmp_path / "missing.pt")])
+    assert result.exit_code == 2
+    assert "not found" in result.output
