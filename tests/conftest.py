@@ -20,3 +20,13 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def sketchy(shared_data: Path) -> Path:
     return shared_data / "sketchy100"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real checkpoint (the seed architecture, 128-d) that embeds in milliseconds."""
+    from tests.services.gallery_support import build_tiny_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny128.pt"
+    build_tiny_model(path, dim=128)
+    return path

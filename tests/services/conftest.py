@@ -18,13 +18,6 @@ PER_CATEGORY = 8
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny128.pt"
-    build_tiny_model(path, dim=128)
-    return path
-
-
-@pytest.fixture(scope="session")
 def tiny_model_64(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny64.pt"
     build_tiny_model(path, dim=64, seed=1)

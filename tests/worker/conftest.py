@@ -50,13 +50,6 @@ def queue(redis_url: str) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models") / "tiny128.pt"
-    build_tiny_model(path, dim=128)
-    return path
-
-
-@pytest.fixture(scope="session")
 def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Still tiny on disk, but at 384 px a batch of 12 photos takes long enough to be killed in the middle."""
     path = tmp_path_factory.mktemp("models") / "slow16.pt"
