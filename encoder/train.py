@@ -59,6 +59,8 @@ class TrainConfig:
     hard_negatives: str = "hardest"  # hardest | semihard
     ce_weight: float = 0.5  # category cross-entropy beside the triplet loss (0: off)
     ce_scale: float = 16.0
+    nce_weight: float = 0.0  # symmetric InfoNCE over the batch beside the triplet loss (0: off)
+    nce_temperature: float = 0.07
     embed_dim: int = 256
     image_size: int = 0  # 0: the architecture's own (lite0 224, seed 96)
     dropout: float = 0.5
@@ -266,6 +268,13 @@ def triplet_loss(anchor: torch.Tensor, positive: torch.Tensor, margin: float, mo
     else:
         chosen = neg.min(dim=1).values
     return F.relu(pos - chosen + margin).mean()
+
+
+def info_nce_loss(anchor: torch.Tensor, positive: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE: each sketch picks its photo among the batch's photos, and each photo its sketch."""
+    logits = anchor @ positive.t() / temperature
+    labels = torch.arange(len(anchor), device=anchor.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
 
 
 def category_loss(
@@ -581,6 +590,8 @@ def train(
                     es, ep = stages.back(hs, ts, "sketch"), stages.back(hp, tp, "photo")
                 es, ep = es.float(), ep.float()
                 loss = triplet_loss(es, ep, cfg.margin, cfg.hard_negatives)
+                if cfg.nce_weight > 0:
+                    loss = loss + cfg.nce_weight * info_nce_loss(es, ep, cfg.nce_temperature)
                 if ce_on:
                     labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
                     weight: torch.Tensor = model.classifier  # type: ignore[assignment]

@@ -11,7 +11,7 @@ import torch
 from encoder.checkpoint import load_checkpoint, save_checkpoint
 from encoder.embedder import load_embedder
 from encoder.errors import DatasetError, ModelLoadError
-from encoder.train import TrainConfig, train, triplet_loss
+from encoder.train import TrainConfig, info_nce_loss, train, triplet_loss
 
 CATEGORIES = ["apple", "cat", "chair"]
 
@@ -38,6 +38,7 @@ def test_triplet_loss_prefers_matched_pairs() -> None:
     a = torch.nn.functional.normalize(torch.randn(8, 16), dim=1)
     assert float(triplet_loss(a, a, 0.2, "hardest")) < float(triplet_loss(a, a.roll(1, 0), 0.2, "hardest"))
     assert float(triplet_loss(a, a, 0.2, "semihard")) >= 0
+    assert float(info_nce_loss(a, a, 0.07)) < float(info_nce_loss(a, a.roll(1, 0), 0.07))
 
 
 @pytest.mark.slow
