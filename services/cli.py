@@ -65,6 +65,9 @@ def train_command(
         Path | None, typer.Option(help="Keep frozen-trunk features here and reuse them in later runs.")
     ] = None,
     half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
+    nce_weight: Annotated[
+        float, typer.Option(help="Weight of a symmetric InfoNCE term beside the triplet loss (0: off).")
+    ] = 0.0,
     separate_heads: Annotated[
         bool, typer.Option(help="A sketch head and a photo head instead of one shared head.")
     ] = False,
@@ -82,6 +85,7 @@ def train_command(
         pseudo_dirs=[str(p) for p in pseudo or []], name=name, pseudo_per_epoch=pseudo_per_epoch,
         threshold=threshold, cache_dir=str(cache_dir) if cache_dir else "", select_best=not last_epoch,
         shared_head=not separate_heads,
+        nce_weight=nce_weight,
     )
     if out.suffix != ".pt":
         out = out / "model.pt"
