@@ -13,7 +13,7 @@ import numpy as np
 from encoder.data import load_dataset
 from encoder.embedder import Embedder
 from encoder.errors import DatasetError
-from encoder.train import retrieval_metrics
+from encoder.metrics import retrieval_metrics
 
 logger = logging.getLogger(__name__)
 

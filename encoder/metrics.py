@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+from encoder.data import SketchyDataset
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,33 @@ def calibrate_threshold(sim: np.ndarray, target: np.ndarray) -> float:
         if f1 > best_f1:
             best, best_f1 = float(t), f1
     return best
+
+
+def retrieval_metrics(
+    sketch_emb: np.ndarray, photo_emb: np.ndarray, data: SketchyDataset, threshold: float | None = None
+) -> dict[str, Any]:
+    """acc@K, median rank, mAP@all and P@100 of sketches against the dataset's photos."""
+    sim = sketch_emb @ photo_emb.T
+    pairs = data.instance_pairs()
+    q = np.array([s for s, _ in pairs], dtype=int)
+    target = np.array([p for _, p in pairs], dtype=int)
+    inst = instance_metrics(sim[q], target) if len(q) else instance_metrics(sim[:0], target)
+    cats = sorted({p.category for p in data.photos})
+    result: dict[str, Any] = {
+        "instance": {
+            "queries": inst.queries,
+            **{f"acc@{k}": v for k, v in inst.acc.items()},
+            "median_rank": inst.median_rank,
+        },
+        "category": None,
+    }
+    if len(cats) > 1:
+        index = {c: i for i, c in enumerate(cats)}
+        qc = np.array([index.get(s.category, -1) for s in data.sketches])
+        gc = np.array([index[p.category] for p in data.photos])
+        cm = category_metrics(sim, qc, gc)
+        result["category"] = {"mAP@all": cm.map_all, "P@100": cm.p_at_100}
+    value = calibrate_threshold(sim[q], target) if threshold is None else threshold
+    tm = threshold_metrics(sim[q], target, value)
+    result["threshold"] = {"value": tm.value, "recall": tm.recall, "precision": tm.precision}
+    return result

@@ -24,9 +24,9 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from encoder.checkpoint import Checkpoint, inference_state, save_checkpoint
-from encoder.data import SketchyDataset, load_dataset
+from encoder.data import load_dataset
 from encoder.errors import DatasetError, SketchSearchError
-from encoder.metrics import calibrate_threshold, category_metrics, instance_metrics, threshold_metrics
+from encoder.metrics import retrieval_metrics
 from encoder.model import (
     LITE_SCALING,
     ModelConfig,
@@ -300,36 +300,6 @@ def embed_cache(
     return np.concatenate(out)
 
 
-def retrieval_metrics(
-    sketch_emb: np.ndarray, photo_emb: np.ndarray, data: SketchyDataset, threshold: float | None = None
-) -> dict[str, Any]:
-    """acc@K, median rank, mAP@all and P@100 of sketches against the dataset's photos."""
-    sim = sketch_emb @ photo_emb.T
-    pairs = data.instance_pairs()
-    q = np.array([s for s, _ in pairs], dtype=int)
-    target = np.array([p for _, p in pairs], dtype=int)
-    inst = instance_metrics(sim[q], target) if len(q) else instance_metrics(sim[:0], target)
-    cats = sorted({p.category for p in data.photos})
-    result: dict[str, Any] = {
-        "instance": {
-            "queries": inst.queries,
-            **{f"acc@{k}": v for k, v in inst.acc.items()},
-            "median_rank": inst.median_rank,
-        },
-        "category": None,
-    }
-    if len(cats) > 1:
-        index = {c: i for i, c in enumerate(cats)}
-        qc = np.array([index.get(s.category, -1) for s in data.sketches])
-        gc = np.array([index[p.category] for p in data.photos])
-        cm = category_metrics(sim, qc, gc)
-        result["category"] = {"mAP@all": cm.map_all, "P@100": cm.p_at_100}
-    value = calibrate_threshold(sim[q], target) if threshold is None else threshold
-    tm = threshold_metrics(sim[q], target, value)
-    result["threshold"] = {"value": tm.value, "recall": tm.recall, "precision": tm.precision}
-    return result
-
-
 # ---------------------------------------------------------------- the run
 
 
@@ -548,9 +518,8 @@ def train(
             )
         return float(np.mean(vals))
 
-    probe_rng = random.Random(cfg.seed + 7)
-    probe_batches = [b for b in make_batches()][:8]  # a fixed sample of training batches to track the loss on
-    rng = random.Random(cfg.seed)
+    probe_batches = make_batches()[:8]  # a fixed sample of training batches to track the loss on
+    rng = random.Random(cfg.seed)  # drawing the probe consumed the generator: start the epochs afresh
 
     @torch.no_grad()
     def probe_loss() -> float:
@@ -564,7 +533,6 @@ def train(
             values.append(float(triplet_loss(es, ep, cfg.margin, "hardest")))
         return float(np.mean(values)) if values else 0.0
 
-    del probe_rng
     initial_loss = probe_loss()
     best_state: dict[str, torch.Tensor] | None = None
     best_score, best_epoch = -1.0, 0
