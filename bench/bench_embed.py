@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from encoder.checkpoint import load_checkpoint
 from encoder.embedder import load_embedder
-from encoder.preprocess import Preprocessing, load_photo, prepare_photo
+from encoder.preprocess import load_photo, prepare_photo
 
 
 def main() -> None:
@@ -31,14 +32,15 @@ def main() -> None:
         raise SystemExit(f"no photos under {args.data}/photo")
 
     rows = []
+    ref = None if args.model == "default" else args.model
+    prep = load_checkpoint(ref).preprocessing  # the model's own input size
     t0 = time.perf_counter()
-    prep = Preprocessing()
     arrays = [prepare_photo(load_photo(p, prep), prep) for p in paths]
     decode_s = time.perf_counter() - t0
     rows.append(("decode+resize only (1 thread)", len(paths) / decode_s))
     batch = np.stack(arrays[: args.batch_size])
     for backend in ("onnx", "torch"):
-        emb = load_embedder(None if args.model == "default" else args.model, backend=backend)
+        emb = load_embedder(ref, backend=backend)
         emb.embed_photo_files(paths[: args.batch_size], batch_size=args.batch_size)  # warm up
         t0 = time.perf_counter()
         result = emb.embed_photo_files(paths, batch_size=args.batch_size)
@@ -51,7 +53,10 @@ def main() -> None:
         model_s = (time.perf_counter() - t0) / (reps * len(batch))
         rows.append((f"{backend}: end to end (decode, resize, embed)", len(paths) / total))
         rows.append((f"{backend}: model only", 1.0 / model_s))
-        print(f"# {backend}: model {emb.model_id}, {1000 * model_s:.2f} ms per photo at batch {len(batch)}")
+        print(
+            f"# {backend}: model {emb.model_id}, {prep.image_size} px, "
+            f"{1000 * model_s:.2f} ms per photo at batch {len(batch)}"
+        )
     print(f"\n{'measure':<45} {'photos/s':>10}")
     for name, value in rows:
         print(f"{name:<45} {value:>10.1f}")

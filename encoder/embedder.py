@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +74,8 @@ class Embedder:
             "cuda" if self.backend == "torch" and torch.cuda.is_available() else "cpu"
         )
         self._sessions: dict[str, object] = {}
+        # the torch model picks the domain's BatchNorm statistics per call: one torch call at a time
+        self._torch_lock = threading.Lock()
         if self.backend == "onnx":
             cache = cache_dir or Path(tempfile.gettempdir()) / "sketchsearch-onnx"
             for domain in DOMAINS:
@@ -99,7 +104,7 @@ class Embedder:
             session = self._sessions[domain]
             out = session.run(None, {"image": np.ascontiguousarray(batch, dtype=np.float32)})[0]  # type: ignore[attr-defined]
             return np.asarray(out, dtype=np.float32)
-        with torch.no_grad(), torch.autocast("cuda", enabled=self._device.type == "cuda"):
+        with self._torch_lock, torch.no_grad(), torch.autocast("cuda", enabled=self._device.type == "cuda"):
             x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self._device)
             out = self._model.embed(x, domain)  # type: ignore[operator]
         return out.float().cpu().numpy()
@@ -156,7 +161,19 @@ class Embedder:
         failures: list[FileFailure] = []
         vectors: list[np.ndarray] = []
         with ThreadPoolExecutor(max_workers=min(4, self.threads)) as pool:
-            decoded = pool.map(decode, paths)
+            # decode ahead of the model, but at most two batches ahead: a large folder must not fill memory
+            queue: deque[Future[tuple[np.ndarray, tuple[int, int]] | FileFailure]] = deque()
+            upcoming = iter(paths)
+
+            def decoded() -> Iterator[tuple[np.ndarray, tuple[int, int]] | FileFailure]:
+                for path in islice(upcoming, 2 * batch_size):
+                    queue.append(pool.submit(decode, path))
+                while queue:
+                    item = queue.popleft().result()
+                    for path in islice(upcoming, 1):
+                        queue.append(pool.submit(decode, path))
+                    yield item
+
             pending: list[np.ndarray] = []
 
             def flush() -> None:
@@ -166,7 +183,7 @@ class Embedder:
                         on_batch(len(pending))
                     pending.clear()
 
-            for path, item in zip(paths, decoded, strict=True):
+            for path, item in zip(paths, decoded(), strict=True):
                 if isinstance(item, FileFailure):
                     failures.append(item)
                     continue

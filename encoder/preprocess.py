@@ -152,8 +152,21 @@ def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
     return Image.fromarray(out, mode="L")
 
 
+def _scale_table(mean: float, std: float) -> np.ndarray:
+    return (np.arange(256, dtype=np.float32) - np.float32(mean)) / np.float32(std)
+
+
 def _normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """HWC or HW uint8 -> CHW float32, scaled as the model expects."""
+    if pixels.dtype == np.uint8:
+        # a 256-entry lookup gives the same float32 values as (x - mean) / std, about 3x faster: decode and
+        # scaling share the CPU with the model during bulk ingestion
+        arr = _scale_table(prep.mean, prep.std)[pixels.transpose(2, 0, 1) if pixels.ndim == 3 else pixels[None]]
+        if prep.channels == 3 and arr.shape[0] == 1:
+            return np.repeat(arr, 3, axis=0)
+        if prep.channels == 1 and arr.shape[0] == 3:
+            return _normalise(pixels.astype(np.float32), prep)
+        return arr
     arr = pixels.astype(np.float32)
     if arr.ndim == 2:
         arr = arr[None]
