@@ -29,6 +29,7 @@ from encoder.errors import DatasetError, SketchSearchError
 from encoder.metrics import retrieval_metrics
 from encoder.model import (
     LITE_SCALING,
+    DomainBatchNorm,
     ModelConfig,
     SketchPhotoEncoder,
     build_model,
@@ -59,13 +60,16 @@ class TrainConfig:
     hard_negatives: str = "hardest"  # hardest | semihard
     ce_weight: float = 0.5  # category cross-entropy beside the triplet loss (0: off)
     ce_scale: float = 16.0
-    nce_weight: float = 0.0  # symmetric InfoNCE over the batch beside the triplet loss (0: off)
+    nce_weight: float = 1.0  # symmetric InfoNCE over the batch beside the triplet loss (0: off)
     nce_temperature: float = 0.07
     embed_dim: int = 256
-    image_size: int = 0  # 0: the architecture's own (lite0 224, seed 96)
+    image_size: int = 0  # 0: the model's default (DEFAULT_IMAGE_SIZE)
     dropout: float = 0.5
     shared_head: bool = True  # one head for both domains (False: a sketch head and a photo head)
     train_from_block: int = 11  # blocks before this one are frozen and cached
+    sketch_norm: bool = False  # separate BatchNorm statistics for sketches, estimated on training sketches
+    sketch_norm_front: bool = False  # only in the frozen front: the trainable blocks normalise both domains alike
+    sketch_norm_samples: int = 1024  # real training sketches averaged for those statistics
     cache_views: int = 2  # augmented views cached per image (the first is unaugmented)
     select_best: bool = True  # keep the epoch with the best validation score (False: the last epoch)
     threshold: float | None = None  # stored score threshold; None: calibrated on the first validation set
@@ -78,6 +82,11 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     name: str = ""
+
+
+# Lite0 runs at 192 px rather than its native 224: held-out retrieval measured the same (docs/BENCHMARKS.md)
+# and a photo costs 27% fewer FLOPs, which is what lets ONNX Runtime embed 150 photos/s on two cores.
+DEFAULT_IMAGE_SIZE = {"seed": 96, "lite0": 192, "lite1": 240, "lite2": 260}
 
 
 def seed_everything(seed: int) -> None:
@@ -142,11 +151,12 @@ class Stages:
         self.start = start if isinstance(model, SketchPhotoEncoder) else 0
 
     @torch.no_grad()
-    def front(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def front(self, x: torch.Tensor, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs -> (map entering the trainable blocks, pooled taps of frozen blocks)."""
         m = self.model
         if not isinstance(m, SketchPhotoEncoder):
             return x, torch.zeros(x.shape[0], 0)
+        m.trunk.set_domain(domain)
         h = m.trunk.stem(x)
         taps = []
         for i in range(self.start):
@@ -161,6 +171,7 @@ class Stages:
         if not isinstance(m, SketchPhotoEncoder):
             return m.embed(h, domain)  # type: ignore[operator]
         early = [tap] if tap.shape[1] else []
+        m.trunk.set_domain(domain)
         feats = m.features_from(h, self.start, early)
         return m.head_for(domain)(feats)
 
@@ -211,6 +222,7 @@ def build_cache(
     seed: int,
     device: torch.device,
     desc: str,
+    domain: str,
     batch: int = 32,
     store: Path | None = None,
 ) -> Cache:
@@ -234,7 +246,7 @@ def build_cache(
             arrays = [
                 items[i][1](random.Random(f"{seed}:{items[i][0]}:{v}") if v else None) for i, v in chunk
             ]
-            h, t = stages.front(torch.from_numpy(np.stack(arrays)).to(device))
+            h, t = stages.front(torch.from_numpy(np.stack(arrays)).to(device), domain)
             for k, (i, v) in enumerate(chunk):
                 known[f"{names[i]}#{v}"] = [h[k].half().cpu().clone(), t[k].half().cpu().clone()]
             bar.update(len(chunk))
@@ -246,6 +258,33 @@ def build_cache(
     maps = torch.stack([torch.stack([known[f"{n}#{v}"][0] for v in range(views)]) for n in names])
     taps = torch.stack([torch.stack([known[f"{n}#{v}"][1] for v in range(views)]) for n in names])
     return Cache(maps, taps)
+
+
+@torch.no_grad()
+def estimate_sketch_norm(model: SketchPhotoEncoder, batches: list[torch.Tensor]) -> None:
+    """AdaBN: set each DomainBatchNorm's sketch statistics to their average over batches of sketches."""
+    norms = [m for m in model.modules() if isinstance(m, DomainBatchNorm)]
+    was_training = model.training
+    model.eval()
+    model.trunk.set_domain("sketch")
+    for k, x in enumerate(batches, 1):
+        for bn in norms:
+            bn.train()
+            bn.sketch_momentum = 1.0 / k  # a running mean with weights 1/k is the plain average
+        model.features(x)
+    for bn in norms:
+        bn.sketch_momentum = 0.01
+    model.train(was_training)
+
+
+def sketch_norm_digest(model: SketchPhotoEncoder, start: int) -> str:
+    """A short hash of the frozen front's sketch statistics: cached sketch features depend on them."""
+    digest = hashlib.sha256()
+    front = [model.trunk._bn0, *model.trunk._blocks[:start]]
+    for m in (layer for part in front for layer in part.modules()):
+        if isinstance(m, DomainBatchNorm):
+            digest.update(m.sketch_mean.cpu().numpy().tobytes() + m.sketch_var.cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 # ---------------------------------------------------------------- losses
@@ -356,11 +395,11 @@ def train(
 
     # ---- model
     if cfg.model == "seed":
-        size = cfg.image_size or 96
+        size = cfg.image_size or DEFAULT_IMAGE_SIZE["seed"]
         mcfg = ModelConfig(arch="seed", embed_dim=128, image_size=size, channels=1, mid_blocks=(), dropout=0.0)
         prep = Preprocessing(image_size=size, channels=1, mean=0.0, std=255.0)
     elif cfg.model in LITE_SCALING:
-        size = cfg.image_size or LITE_SCALING[cfg.model][2]
+        size = cfg.image_size or DEFAULT_IMAGE_SIZE[cfg.model]
         mcfg = ModelConfig(
             arch=cfg.model,
             embed_dim=cfg.embed_dim,
@@ -368,6 +407,8 @@ def train(
             dropout=cfg.dropout,
             shared_head=cfg.shared_head,
             num_classes=len(categories),
+            sketch_norm=cfg.sketch_norm,
+            sketch_norm_blocks=cfg.train_from_block if cfg.sketch_norm_front else 0,
         )
         prep = Preprocessing(image_size=size)
     else:
@@ -439,15 +480,31 @@ def train(
             return None
         # only what changes the frozen front's inputs or outputs belongs in the key
         front_prep = {k: v for k, v in prep.to_dict().items() if k not in ("sketch_flip", "max_pixels")}
-        key = json.dumps([cfg.model, stages.start, front_prep, cfg.seed])
+        parts: list[Any] = [cfg.model, stages.start, front_prep, cfg.seed]
+        if kind == "sketch" and mcfg.sketch_norm:
+            parts.append(sketch_norm_digest(model, stages.start))  # type: ignore[arg-type]
+        key = json.dumps(parts)
         return Path(cfg.cache_dir) / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
 
     stages.set_train(False)
     t0 = time.time()
+    if isinstance(model, SketchPhotoEncoder) and mcfg.sketch_norm:
+        # human sketches only: they, not the HED pseudo-sketches, are what the model meets at search time
+        pool = list(range(n_real)) or pseudo
+        sample = random.Random(cfg.seed).sample(pool, min(cfg.sketch_norm_samples, len(pool)))
+        arrays = [sketch_input(sketch_paths[i], prep, None) for i in sample]
+        estimate_sketch_norm(
+            model, [torch.from_numpy(np.stack(arrays[lo : lo + 64])).to(device) for lo in range(0, len(arrays), 64)]
+        )
+        logger.info("estimated sketch BatchNorm statistics on %d sketches", len(sample))
     sk_items = [(sketch_paths[i], sketch_loader(sketch_paths[i])) for i in used_sketches]
     ph_items = [(photo_paths[i], photo_loader(photo_paths[i])) for i in used_photos]
-    sk_cache = build_cache(stages, sk_items, cfg.cache_views, cfg.seed, device, "cache sketches", store=store("sketch"))
-    ph_cache = build_cache(stages, ph_items, cfg.cache_views, cfg.seed, device, "cache photos", store=store("photo"))
+    sk_cache = build_cache(
+        stages, sk_items, cfg.cache_views, cfg.seed, device, "cache sketches", "sketch", store=store("sketch")
+    )
+    ph_cache = build_cache(
+        stages, ph_items, cfg.cache_views, cfg.seed, device, "cache photos", "photo", store=store("photo")
+    )
     val_caches = []
     for v in val_sets:
         vs_items = [(s.path, sketch_loader(s.path)) for s in v.sketches]
@@ -455,8 +512,12 @@ def train(
         val_caches.append(
             (
                 v,
-                build_cache(stages, vs_items, 1, cfg.seed, device, "cache val sketches", store=store("sketch")),
-                build_cache(stages, vp_items, 1, cfg.seed, device, "cache val photos", store=store("photo")),
+                build_cache(
+                    stages, vs_items, 1, cfg.seed, device, "cache val sketches", "sketch", store=store("sketch")
+                ),
+                build_cache(
+                    stages, vp_items, 1, cfg.seed, device, "cache val photos", "photo", store=store("photo")
+                ),
             )
         )
     cache_seconds = time.time() - t0
@@ -537,7 +598,11 @@ def train(
     best_state: dict[str, torch.Tensor] | None = None
     best_score, best_epoch = -1.0, 0
     history: list[dict[str, Any]] = []
+    # the seed model reproduces the study: FaceNet triplet loss only
     ce_on = cfg.ce_weight > 0 and isinstance(model, SketchPhotoEncoder)
+    nce_on = cfg.nce_weight > 0 and isinstance(model, SketchPhotoEncoder)
+    # trainable blocks with sketch statistics need batches of one domain at a time
+    per_domain_back = mcfg.sketch_norm and not cfg.sketch_norm_front
     for epoch in range(1, cfg.epochs + 1):
         stages.set_train(True)
         batches = make_batches()
@@ -551,14 +616,14 @@ def train(
             hs, ts = sk_cache.take(sk_idx, sk_views, device)
             hp, tp = ph_cache.take(ph_idx, ph_views, device)
             with torch.autocast(device.type, enabled=amp):
-                if mcfg.shared_head:
+                if mcfg.shared_head and not per_domain_back:
                     emb = stages.back(torch.cat([hs, hp]), torch.cat([ts, tp]), "photo")
                     es, ep = emb[: len(batch)], emb[len(batch) :]
                 else:
                     es, ep = stages.back(hs, ts, "sketch"), stages.back(hp, tp, "photo")
                 es, ep = es.float(), ep.float()
                 loss = triplet_loss(es, ep, cfg.margin, cfg.hard_negatives)
-                if cfg.nce_weight > 0:
+                if nce_on:
                     loss = loss + cfg.nce_weight * info_nce_loss(es, ep, cfg.nce_temperature)
                 if ce_on:
                     labels = torch.tensor([sketch_cats[i] for i in batch], device=device)

@@ -67,12 +67,27 @@ def train_command(
     half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
     nce_weight: Annotated[
         float, typer.Option(help="Weight of a symmetric InfoNCE term beside the triplet loss (0: off).")
-    ] = 0.0,
+    ] = 1.0,
     separate_heads: Annotated[
         bool, typer.Option(help="A sketch head and a photo head instead of one shared head.")
     ] = False,
     last_epoch: Annotated[
         bool, typer.Option(help="Keep the last epoch rather than the one with the best validation score.")
+    ] = False,
+    image_size: Annotated[
+        int, typer.Option(help="Input side in pixels (0: the model's default).")
+    ] = 0,
+    train_from_block: Annotated[
+        int, typer.Option(help="Trunk blocks before this one stay frozen (and cached).")
+    ] = 11,
+    sketch_norm: Annotated[
+        bool, typer.Option(help="Separate BatchNorm statistics for sketches (AdaBN), estimated on training sketches.")
+    ] = False,
+    ce_weight: Annotated[
+        float, typer.Option(help="Weight of the category cross-entropy term (0: off).")
+    ] = 0.5,
+    sketch_norm_front: Annotated[
+        bool, typer.Option(help="With --sketch-norm: sketch statistics in the frozen blocks only.")
     ] = False,
 ) -> None:
     """Train a model; the checkpoint holds weights, config, preprocessing and validation metrics."""
@@ -85,7 +100,8 @@ def train_command(
         pseudo_dirs=[str(p) for p in pseudo or []], name=name, pseudo_per_epoch=pseudo_per_epoch,
         threshold=threshold, cache_dir=str(cache_dir) if cache_dir else "", select_best=not last_epoch,
         shared_head=not separate_heads,
-        nce_weight=nce_weight,
+        nce_weight=nce_weight, image_size=image_size, train_from_block=train_from_block,
+        sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
     )
     if out.suffix != ".pt":
         out = out / "model.pt"

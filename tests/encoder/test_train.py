@@ -73,7 +73,7 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
 
     # the checkpoint loads with weights_only=True and rebuilds the same model, the same id, the same outputs
     raw = torch.load(out, map_location="cpu", weights_only=True)
-    assert raw["config"]["arch"] == "lite0" and raw["preprocessing"]["image_size"] == 224
+    assert raw["config"]["arch"] == "lite0" and raw["preprocessing"]["image_size"] == 192
     loaded = load_checkpoint(out)
     assert loaded.model_id == ckpt.model_id
     assert loaded.categories == ["apple", "cat"]
