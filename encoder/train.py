@@ -66,7 +66,7 @@ class TrainConfig:
     image_size: int = 0  # 0: the model's default (DEFAULT_IMAGE_SIZE)
     dropout: float = 0.5
     shared_head: bool = True  # one head for both domains (False: a sketch head and a photo head)
-    train_from_block: int = 11  # blocks before this one are frozen and cached
+    train_from_block: int = 9  # blocks before this one are frozen and cached
     sketch_norm: bool = False  # separate BatchNorm statistics for sketches, estimated on training sketches
     sketch_norm_front: bool = False  # only in the frozen front: the trainable blocks normalise both domains alike
     sketch_norm_samples: int = 1024  # real training sketches averaged for those statistics

@@ -79,7 +79,7 @@ def train_command(
     ] = 0,
     train_from_block: Annotated[
         int, typer.Option(help="Trunk blocks before this one stay frozen (and cached).")
-    ] = 11,
+    ] = 9,
     sketch_norm: Annotated[
         bool, typer.Option(help="Separate BatchNorm statistics for sketches (AdaBN), estimated on training sketches.")
     ] = False,
