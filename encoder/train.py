@@ -33,6 +33,7 @@ from encoder.model import (
     ModelConfig,
     SketchPhotoEncoder,
     build_model,
+    load_imagenet_classifier,
     load_imagenet_weights,
     pool_grid,
 )
@@ -62,11 +63,13 @@ class TrainConfig:
     ce_scale: float = 16.0
     nce_weight: float = 1.0  # symmetric InfoNCE over the batch beside the triplet loss (0: off)
     nce_temperature: float = 0.07
+    kd_weight: float = 0.0  # distillation of the ImageNet classifier's view of each photo into both embeddings
+    kd_temperature: float = 2.0  # softens the teacher's 1000-way distribution
     embed_dim: int = 256
     image_size: int = 0  # 0: the model's default (DEFAULT_IMAGE_SIZE)
     dropout: float = 0.5
     shared_head: bool = True  # one head for both domains (False: a sketch head and a photo head)
-    train_from_block: int = 9  # blocks before this one are frozen and cached
+    train_from_block: int = 3  # blocks before this one are frozen and cached (3: the stem and blocks 0-2)
     sketch_norm: bool = False  # separate BatchNorm statistics for sketches, estimated on training sketches
     sketch_norm_front: bool = False  # only in the frozen front: the trainable blocks normalise both domains alike
     sketch_norm_samples: int = 1024  # real training sketches averaged for those statistics
@@ -323,6 +326,37 @@ def category_loss(
     return F.cross_entropy(logits, labels)
 
 
+def distillation_loss(
+    emb: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """Cross-entropy of a cosine classifier on the embedding against the teacher's softened distribution."""
+    logits = scale * emb @ F.normalize(weight, dim=-1).t()
+    return F.cross_entropy(logits, F.softmax(teacher / temperature, dim=-1))
+
+
+@torch.no_grad()
+def teacher_logits(
+    model: SketchPhotoEncoder, start: int, cache: Cache, device: torch.device, batch: int = 128
+) -> torch.Tensor:
+    """ImageNet logits (N, V, 1000) of every cached photo view, from the untouched pretrained trunk.
+
+    Called before the first training step, while the trainable blocks still hold their ImageNet weights: the
+    frozen front's cached outputs plus those blocks and the ImageNet classifier are the pretrained network.
+    """
+    fc_w, fc_b = (t.to(device) for t in load_imagenet_classifier(model.cfg.arch))
+    model.eval()
+    model.trunk.set_domain("photo")
+    n, views = cache.maps.shape[:2]
+    out = torch.empty(n, views, fc_w.shape[0], dtype=torch.float16)
+    for v in range(views):
+        for lo in range(0, n, batch):
+            idx = list(range(lo, min(n, lo + batch)))
+            h, _ = cache.take(idx, [v] * len(idx), device)
+            final, _ = model.trunk.forward_blocks(h, start, ())
+            out[lo : lo + len(idx), v] = (final.mean(dim=(2, 3)) @ fc_w.t() + fc_b).half().cpu()
+    return out
+
+
 # ---------------------------------------------------------------- evaluation on cached or raw inputs
 
 
@@ -523,8 +557,23 @@ def train(
     cache_seconds = time.time() - t0
     logger.info("cached frozen features in %.0f s", cache_seconds)
 
+    # ---- the distillation teacher: ImageNet logits of every photo view, taken before training changes a weight
+    kd_on = cfg.kd_weight > 0 and isinstance(model, SketchPhotoEncoder)
+    kd_targets = torch.zeros(0)
+    kd_classifier = nn.Parameter(torch.zeros(0))
+    kd_scale = nn.Parameter(torch.zeros(0))
+    if kd_on:
+        t_kd = time.time()
+        kd_targets = teacher_logits(model, stages.start, ph_cache, device)  # type: ignore[arg-type]
+        kd_classifier = nn.Parameter(torch.randn(kd_targets.shape[-1], mcfg.embed_dim, device=device) * 0.01)
+        kd_scale = nn.Parameter(torch.tensor(16.0, device=device))
+        logger.info("teacher logits of %d photo views in %.0f s", kd_targets.shape[0] * kd_targets.shape[1],
+                    time.time() - t_kd)
+
     # ---- optimiser
     trunk_params, head_params = stages.trainable()
+    if kd_on:
+        head_params = head_params + [kd_classifier, kd_scale]
     groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr}]
     if trunk_params:
         groups.append({"params": trunk_params, "lr": cfg.trunk_lr})
@@ -625,6 +674,12 @@ def train(
                 loss = triplet_loss(es, ep, cfg.margin, cfg.hard_negatives)
                 if nce_on:
                     loss = loss + cfg.nce_weight * info_nce_loss(es, ep, cfg.nce_temperature)
+                if kd_on:
+                    target = kd_targets[torch.tensor(ph_idx), torch.tensor(ph_views)].to(device).float()
+                    loss = loss + cfg.kd_weight * 0.5 * (
+                        distillation_loss(es, kd_classifier, kd_scale, target, cfg.kd_temperature)
+                        + distillation_loss(ep, kd_classifier, kd_scale, target, cfg.kd_temperature)
+                    )
                 if ce_on:
                     labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
                     weight: torch.Tensor = model.classifier  # type: ignore[assignment]

@@ -79,7 +79,7 @@ def train_command(
     ] = 0,
     train_from_block: Annotated[
         int, typer.Option(help="Trunk blocks before this one stay frozen (and cached).")
-    ] = 9,
+    ] = 3,
     sketch_norm: Annotated[
         bool, typer.Option(help="Separate BatchNorm statistics for sketches (AdaBN), estimated on training sketches.")
     ] = False,
@@ -89,6 +89,9 @@ def train_command(
     sketch_norm_front: Annotated[
         bool, typer.Option(help="With --sketch-norm: sketch statistics in the frozen blocks only.")
     ] = False,
+    kd_weight: Annotated[
+        float, typer.Option(help="Weight of distilling the ImageNet classifier's view of each photo (0: off).")
+    ] = 0.0,
 ) -> None:
     """Train a model; the checkpoint holds weights, config, preprocessing and validation metrics."""
     from encoder.train import TrainConfig, train
@@ -102,6 +105,7 @@ def train_command(
         shared_head=not separate_heads,
         nce_weight=nce_weight, image_size=image_size, train_from_block=train_from_block,
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
+        kd_weight=kd_weight,
     )
     if out.suffix != ".pt":
         out = out / "model.pt"

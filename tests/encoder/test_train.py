@@ -11,7 +11,18 @@ import torch
 from encoder.checkpoint import load_checkpoint, save_checkpoint
 from encoder.embedder import load_embedder
 from encoder.errors import DatasetError, ModelLoadError
-from encoder.train import TrainConfig, info_nce_loss, train, triplet_loss
+from encoder.model import ModelConfig, SketchPhotoEncoder, load_imagenet_classifier, load_imagenet_weights
+from encoder.preprocess import Preprocessing
+from encoder.train import (
+    Stages,
+    TrainConfig,
+    build_cache,
+    info_nce_loss,
+    photo_input,
+    teacher_logits,
+    train,
+    triplet_loss,
+)
 
 CATEGORIES = ["apple", "cat", "chair"]
 
@@ -64,6 +75,7 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
         seed=2,
         holdout=["chair"],
         train_from_block=14,
+        kd_weight=1.0,
     )
     out = tmp_path / "lite.pt"
     ckpt = train([data], cfg, out, progress=False)
@@ -85,6 +97,29 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
     # fp16 storage keeps the id stable and the embeddings close
     half = save_checkpoint(loaded, tmp_path / "half.pt", half=True)
     assert load_checkpoint(half).model_id == ckpt.model_id
+
+
+@pytest.mark.slow
+def test_teacher_logits_from_cached_features_are_the_imagenet_networks(sketchy: Path) -> None:
+    """The distillation targets, computed from the frozen front's cache, match the whole pretrained network."""
+    model = SketchPhotoEncoder(ModelConfig(image_size=192))
+    load_imagenet_weights(model.trunk, "lite0")
+    model.eval()
+    prep = Preprocessing(image_size=192)
+    paths = sorted((sketchy / "photo" / "apple").glob("*.jpg"))[:3]
+    items = [(p, lambda rng, p=p: photo_input(p, prep, rng)) for p in paths]
+    stages = Stages(model, 11)
+    cache = build_cache(stages, items, 1, 0, torch.device("cpu"), "test", "photo")
+    from_cache = teacher_logits(model, 11, cache, torch.device("cpu"))[:, 0].float()
+
+    weight, bias = load_imagenet_classifier("lite0")
+    with torch.no_grad():
+        x = torch.from_numpy(np.stack([photo_input(p, prep, None) for p in paths]))
+        final, _ = model.trunk.forward_blocks(model.trunk.stem(x), 0, ())
+        direct = final.mean(dim=(2, 3)) @ weight.t() + bias
+    assert from_cache.shape == (3, 1000)
+    assert torch.allclose(from_cache, direct, atol=0.05, rtol=0.01)  # the cache and the targets are fp16
+    assert (from_cache.argmax(1) == direct.argmax(1)).all()
 
 
 def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
