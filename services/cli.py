@@ -92,6 +92,9 @@ def train_command(
     kd_weight: Annotated[
         float, typer.Option(help="Weight of distilling the ImageNet classifier's view of each photo (0: off).")
     ] = 0.0,
+    cache_views: Annotated[
+        int, typer.Option(help="Augmented views of each image cached for training (the first is unaugmented).")
+    ] = 2,
 ) -> None:
     """Train a model; the checkpoint holds weights, config, preprocessing and validation metrics."""
     from encoder.train import TrainConfig, train
@@ -105,7 +108,7 @@ def train_command(
         shared_head=not separate_heads,
         nce_weight=nce_weight, image_size=image_size, train_from_block=train_from_block,
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
-        kd_weight=kd_weight,
+        kd_weight=kd_weight, cache_views=cache_views,
     )
     if out.suffix != ".pt":
         out = out / "model.pt"

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from encoder.checkpoint import load_checkpoint
 from services.cli import app
 from tests.encoder.test_train import small_set
 
@@ -19,10 +20,13 @@ def test_train_to_a_folder_then_eval_writes_the_documented_json(sketchy: Path, t
     runner = CliRunner()
     out_dir = tmp_path / "run"
     result = runner.invoke(
-        app, ["train", str(data), "--model", "seed", "--epochs", "2", "--batch-size", "8", "--out", str(out_dir)]
+        app,
+        ["train", str(data), "--model", "seed", "--epochs", "2", "--batch-size", "8", "--cache-views", "3",
+         "--out", str(out_dir)],
     )
     assert result.exit_code == 0, result.output
     assert (out_dir / "model.pt").is_file()
+    assert load_checkpoint(out_dir / "model.pt").train_config["cache_views"] == 3
 
     report_path = tmp_path / "eval.json"
     result = runner.invoke(app, ["eval", str(data), "--model", str(out_dir), "--json", str(report_path)])
