@@ -43,7 +43,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
 def train_command(
     data_dirs: Annotated[list[Path], typer.Argument(help="Sketchy-layout folder(s), or a folder holding several.")],
     model: Annotated[str, typer.Option(help="seed, lite0, lite1 or lite2.")] = "lite0",
-    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 8,
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 24,
     out: Annotated[
         Path, typer.Option(help="Output folder (gets model.pt), or a checkpoint file name ending in .pt.")
     ] = Path("runs"),
@@ -52,7 +52,7 @@ def train_command(
     pseudo: Annotated[
         list[Path] | None, typer.Option(help="Folder(s) of HED pseudo-sketches: <dir>/<category>/<stem>.png.")
     ] = None,
-    embed_dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 256,
+    embed_dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 512,
     batch_size: Annotated[int, typer.Option(help="Sketch/photo pairs per step.")] = 48,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
@@ -85,7 +85,7 @@ def train_command(
     ] = False,
     ce_weight: Annotated[
         float, typer.Option(help="Weight of the category cross-entropy term (0: off).")
-    ] = 0.5,
+    ] = 1.0,
     sketch_norm_front: Annotated[
         bool, typer.Option(help="With --sketch-norm: sketch statistics in the frozen blocks only.")
     ] = False,

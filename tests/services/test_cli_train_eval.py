@@ -55,3 +55,26 @@ def test_eval_with_an_unknown_model_is_a_clear_error(sketchy: Path, tmp_path: Pa
     result = CliRunner().invoke(app, ["eval", str(sketchy), "--model", str(tmp_path / "missing.pt")])
     assert result.exit_code == 2
     assert "not found" in result.output
+
+
+def test_train_command_defaults_are_the_train_config_defaults() -> None:
+    """The CLI restates TrainConfig's defaults (importing torch to read them would slow every command): keep them
+    equal, so that `sketchsearch train` with no flags trains the shipped settings."""
+    import dataclasses
+    import inspect
+
+    from encoder.train import TrainConfig
+    from services.cli import train_command
+
+    fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    renamed = {"last_epoch": ("select_best", lambda v: not v), "separate_heads": ("shared_head", lambda v: not v)}
+    checked = 0
+    for name, param in inspect.signature(train_command).parameters.items():
+        if param.default is inspect.Parameter.empty or name in ("threshold", "cache_dir", "out", "name", "val"):
+            continue
+        target, convert = renamed.get(name, (name, lambda v: v))
+        if target in fields:
+            assert convert(param.default) == fields[target], f"--{name.replace('_', '-')}: {param.default!r}"
+            checked += 1
+    assert checked >= 15
+    assert fields["epochs"] == 24 and fields["embed_dim"] == 512 and fields["ce_weight"] == 1.0
