@@ -44,6 +44,7 @@ class ModelConfig:
     drop_path: float = 0.1
     sketch_norm: bool = False  # the trunk keeps separate BatchNorm statistics for sketches (see DomainBatchNorm)
     sketch_norm_blocks: int = 0  # with sketch_norm: only the stem and this many leading blocks do (0: all)
+    whiten: bool = False  # embeddings are centred and whitened after the head (statistics fitted after training)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -300,6 +301,27 @@ class SketchPhotoEncoder(nn.Module):
         self.sketch_head = self.photo_head if cfg.shared_head else EmbeddingHead(feat_dim, cfg)
         # cosine classifier for the category term; not used at inference
         self.classifier = nn.Parameter(torch.randn(max(cfg.num_classes, 1), cfg.embed_dim) * 0.01)
+        if cfg.whiten:
+            self.register_buffer("whiten_mean", torch.zeros(cfg.embed_dim))
+            self.register_buffer("whiten_matrix", torch.eye(cfg.embed_dim))
+
+    def set_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Install fitted whitening statistics (see encoder/whitening.py); embed() applies them from now on."""
+        dim = self.cfg.embed_dim
+        if tuple(mean.shape) != (dim,) or tuple(matrix.shape) != (dim, dim):
+            raise ValueError(f"whitening of shape {tuple(matrix.shape)} does not fit a {dim}-d embedding")
+        self.cfg.whiten = True
+        device = self.classifier.device
+        self.register_buffer("whiten_mean", mean.detach().float().to(device))
+        self.register_buffer("whiten_matrix", matrix.detach().float().to(device))
+
+    def finish(self, z: torch.Tensor) -> torch.Tensor:
+        """The head's normalised output -> the embedding: whitened and renormalised when the model has whitening."""
+        if not self.cfg.whiten:
+            return z
+        mean: torch.Tensor = self.whiten_mean  # type: ignore[assignment]
+        matrix: torch.Tensor = self.whiten_matrix  # type: ignore[assignment]
+        return F.normalize((z - mean) @ matrix, dim=-1)
 
     def features_from(self, x: torch.Tensor, start: int, early_pooled: list[torch.Tensor]) -> torch.Tensor:
         """Pooled features from blocks[start:] on input x (the output of block start-1); `early_pooled` holds
@@ -318,7 +340,7 @@ class SketchPhotoEncoder(nn.Module):
     def embed(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         self.trunk.set_domain(domain)
         head = self.sketch_head if domain == "sketch" else self.photo_head
-        return head(self.features(x))
+        return self.finish(head(self.features(x)))
 
     def head_for(self, domain: str) -> EmbeddingHead:
         return self.sketch_head if domain == "sketch" else self.photo_head

@@ -95,6 +95,12 @@ def train_command(
     cache_views: Annotated[
         int, typer.Option(help="Augmented views of each image cached for training (the first is unaugmented).")
     ] = 2,
+    whiten_power: Annotated[
+        float, typer.Option(help="Whitening fitted on the training embeddings after training (0: off, 0.5: full).")
+    ] = 0.25,
+    whiten_shrink: Annotated[
+        float, typer.Option(help="Share of the mean eigenvalue added to each before whitening.")
+    ] = 0.1,
 ) -> None:
     """Train a model; the checkpoint holds weights, config, preprocessing and validation metrics."""
     from encoder.train import TrainConfig, train
@@ -108,7 +114,7 @@ def train_command(
         shared_head=not separate_heads,
         nce_weight=nce_weight, image_size=image_size, train_from_block=train_from_block,
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
-        kd_weight=kd_weight, cache_views=cache_views,
+        kd_weight=kd_weight, cache_views=cache_views, whiten_power=whiten_power, whiten_shrink=whiten_shrink,
     )
     if out.suffix != ".pt":
         out = out / "model.pt"
@@ -125,6 +131,42 @@ def train_command(
     for set_name, res in (ckpt.metrics.get("validation") or {}).items():
         inst = res["instance"]
         typer.echo(f"validation {set_name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}")
+
+
+@app.command("whiten")
+def whiten_command(
+    data_dirs: Annotated[list[Path], typer.Argument(help="The model's training data: Sketchy-layout folder(s).")],
+    model: Annotated[str, typer.Option(help="default, a shipped name, or a checkpoint path.")] = "default",
+    out: Annotated[Path, typer.Option(help="Where to write the whitened checkpoint (.pt).")] = Path("whitened.pt"),
+    power: Annotated[float, typer.Option(help="0.5: full whitening; smaller values whiten less.")] = 0.25,
+    shrink: Annotated[float, typer.Option(help="Share of the mean eigenvalue added to each.")] = 0.1,
+    holdout: Annotated[str, typer.Option(help="Comma-separated categories the model was not trained on.")] = "",
+    val: Annotated[list[Path] | None, typer.Option(help="Sketchy-layout folder(s) to validate on.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Score threshold to store (default: calibrated on the first --val set).")
+    ] = None,
+    half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
+) -> None:
+    """Fit whitening for a trained model on its training data and write it as a new model (a new id)."""
+    from encoder.checkpoint import load_checkpoint, save_checkpoint
+    from encoder.train import whiten_checkpoint
+
+    try:
+        ckpt = whiten_checkpoint(
+            load_checkpoint(model), list(data_dirs), power, shrink,
+            holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
+        )
+        save_checkpoint(ckpt, out, half=half)
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"saved {out} ({ckpt.model_id}), threshold {ckpt.threshold}")
+    for set_name, res in (ckpt.metrics.get("validation") or {}).items():
+        inst, cat = res["instance"], res["category"] or {}
+        typer.echo(
+            f"validation {set_name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}"
+            + (f" mAP@all {cat['mAP@all']:.3f}" if cat else "")
+        )
 
 
 @app.command("eval")

@@ -83,8 +83,10 @@ def test_tiny_sketch_embeds_close_to_the_full_size_one(embedder: Embedder) -> No
     other = Image.new("L", (256, 256), 255)
     ImageDraw.Draw(other).line([20, 230, 230, 20], fill=0, width=3)
     a, b, c = embedder.embed_sketches([big, tiny, other])
-    assert cosine(a, b) > 0.85
-    assert cosine(a, b) > cosine(a, c)
+    # whitening spreads all cosines (the shipped 85ef2013 unwhitened: 0.90 and 0.34; whitened: 0.82 and 0.21), so
+    # the margin over an unrelated sketch is checked beside the absolute value
+    assert cosine(a, b) > 0.8
+    assert cosine(a, b) - cosine(a, c) > 0.5
 
 
 def test_crop_keeps_the_ink_centred_and_square() -> None:

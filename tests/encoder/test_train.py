@@ -76,18 +76,23 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
         holdout=["chair"],
         train_from_block=14,
         kd_weight=1.0,
+        whiten_power=0.25,
     )
     out = tmp_path / "lite.pt"
     ckpt = train([data], cfg, out, progress=False)
     assert ckpt.metrics["history"][-1]["probe_loss"] < ckpt.metrics["initial_probe_loss"]
     assert "data" in ckpt.metrics["validation"]  # validated on the held-out category
+    # whitened after training, and validated again: the whitening changes the scores
+    assert ckpt.config.whiten
+    before, after = ckpt.metrics["validation_unwhitened"]["data"], ckpt.metrics["validation"]["data"]
+    assert before["threshold"]["value"] != after["threshold"]["value"]
     assert ckpt.threshold is not None
 
     # the checkpoint loads with weights_only=True and rebuilds the same model, the same id, the same outputs
     raw = torch.load(out, map_location="cpu", weights_only=True)
     assert raw["config"]["arch"] == "lite0" and raw["preprocessing"]["image_size"] == 192
     loaded = load_checkpoint(out)
-    assert loaded.model_id == ckpt.model_id
+    assert loaded.model_id == ckpt.model_id and loaded.config.whiten
     assert loaded.categories == ["apple", "cat"]
     sketch = sorted((data / "sketch" / "chair").glob("*.png"))[0]
     a = load_embedder(out, backend="torch").embed_sketches([sketch])

@@ -78,3 +78,39 @@ def test_train_command_defaults_are_the_train_config_defaults() -> None:
             checked += 1
     assert checked >= 15
     assert fields["epochs"] == 24 and fields["embed_dim"] == 512 and fields["ce_weight"] == 1.0
+    assert fields["whiten_power"] == 0.25
+
+
+def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from encoder.checkpoint import save_checkpoint
+
+    data = small_set(sketchy, tmp_path)
+    # the shipped weights without any whitening they carry: a trained model as `train` leaves it without whitening
+    shipped = load_checkpoint("default")
+    plain = replace(
+        shipped,
+        config=replace(shipped.config, whiten=False),
+        state_dict={k: v for k, v in shipped.state_dict.items() if not k.startswith("whiten_")},
+    )
+    source = save_checkpoint(plain, tmp_path / "plain.pt")
+    out = tmp_path / "white.pt"
+    runner = CliRunner()
+    result = runner.invoke(
+        app, ["whiten", str(data), "--model", str(source), "--holdout", "chair", "--out", str(out), "--power", "0.5"]
+    )
+    assert result.exit_code == 0, result.output
+    white = load_checkpoint(out)
+    assert white.config.whiten and white.model_id != plain.model_id
+    assert white.train_config["whiten_power"] == 0.5
+    assert white.metrics["whitening"]["holdout"] == ["chair"]
+    # fitted on the 8 paired sketches and 8 photos of the other two categories, validated on the held-out one
+    assert white.metrics["whitening"]["sketches"] == 8 and white.metrics["whitening"]["photos"] == 8
+    assert set(white.metrics["validation"]) == {"data"}
+    assert white.metrics["validation"]["data"]["instance"]["queries"] == 4
+    assert white.threshold == white.metrics["validation"]["data"]["threshold"]["value"]
+    assert load_checkpoint(source).config.whiten is False  # the input is left as it was
+
+    again = runner.invoke(app, ["whiten", str(data), "--model", str(out), "--out", str(tmp_path / "twice.pt")])
+    assert again.exit_code == 2 and "already whitened" in again.output
