@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,16 @@ class Checkpoint:
     @property
     def dim(self) -> int:
         return self.config.embed_dim if self.config.embed_dim else 1280
+
+    def without_whitening(self) -> Checkpoint:
+        """The same trained weights without their whitening (itself when it has none): the model before it."""
+        if not self.config.whiten:
+            return self
+        return replace(
+            self,
+            config=replace(self.config, whiten=False),
+            state_dict={k: v for k, v in self.state_dict.items() if not k.startswith("whiten_")},
+        )
 
     def build(self) -> nn.Module:
         model = build_model(self.config)

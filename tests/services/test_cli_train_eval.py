@@ -82,18 +82,12 @@ def test_train_command_defaults_are_the_train_config_defaults() -> None:
 
 
 def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_path: Path) -> None:
-    from dataclasses import replace
-
     from encoder.checkpoint import save_checkpoint
 
     data = small_set(sketchy, tmp_path)
-    # the shipped weights without any whitening they carry: a trained model as `train` leaves it without whitening
-    shipped = load_checkpoint("default")
-    plain = replace(
-        shipped,
-        config=replace(shipped.config, whiten=False),
-        state_dict={k: v for k, v in shipped.state_dict.items() if not k.startswith("whiten_")},
-    )
+    # the shipped weights without their whitening: a trained model as `train --whiten-power 0` leaves it
+    plain = load_checkpoint("default").without_whitening()
+    assert not plain.config.whiten and not any(k.startswith("whiten_") for k in plain.state_dict)
     source = save_checkpoint(plain, tmp_path / "plain.pt")
     out = tmp_path / "white.pt"
     runner = CliRunner()
