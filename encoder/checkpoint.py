@@ -60,7 +60,8 @@ class Checkpoint:
         )
 
     def build(self) -> nn.Module:
-        model = build_model(self.config)
+        # the model gets its own copy of the config: what it changes in it (set_whitening) stays out of this one
+        model = build_model(replace(self.config))
         state = {k: v.float() if v.is_floating_point() else v for k, v in self.state_dict.items()}
         model.load_state_dict(state)
         model.eval()

@@ -819,7 +819,7 @@ def whiten_checkpoint(
         sketches.append(embedder.embed_sketches([data.sketches[i].path for i in paired]))
         photos.append(embedder.embed_photo_files([p.path for p in data.photos]).vectors)
     mean, matrix = fit_whitening(np.concatenate(sketches), np.concatenate(photos), power, shrink)
-    model = replace(ckpt, config=replace(ckpt.config)).build()  # set_whitening changes the model's config
+    model = ckpt.build()
     assert isinstance(model, SketchPhotoEncoder)
     model.set_whitening(torch.from_numpy(mean), torch.from_numpy(matrix))
     whitened = replace(
