@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from encoder.data import load_dataset
+from encoder.data import SketchyDataset, load_dataset
 from encoder.embedder import Embedder
 from encoder.errors import DatasetError
 from encoder.metrics import retrieval_metrics
@@ -40,6 +40,16 @@ class EvalReport:
         }
 
 
+def embed_gallery(embedder: Embedder, data: SketchyDataset, batch_size: int = 32) -> np.ndarray:
+    """Every photo of `data`, in order; one that cannot be read is an error here, not a skipped row, because the
+    metrics index the gallery by position."""
+    photos = embedder.embed_photo_files([p.path for p in data.photos], batch_size=batch_size)
+    if photos.failures:
+        bad = ", ".join(f"{f.path}: {f.reason}" for f in photos.failures[:3])
+        raise DatasetError(f"{len(photos.failures)} photos could not be read: {bad}")
+    return photos.vectors
+
+
 def evaluate_dataset(
     data_dir: Path | str,
     embedder: Embedder,
@@ -55,13 +65,10 @@ def evaluate_dataset(
     if not data.photos or not data.sketches:
         raise DatasetError(f"{data_dir}: needs both photos and sketches to evaluate")
     t_embed = time.time()
-    photos = embedder.embed_photo_files([p.path for p in data.photos], batch_size=batch_size)
-    if photos.failures:
-        bad = ", ".join(f"{f.path}: {f.reason}" for f in photos.failures[:3])
-        raise DatasetError(f"{len(photos.failures)} photos could not be read: {bad}")
+    photos = embed_gallery(embedder, data, batch_size=batch_size)
     sketches = embedder.embed_sketches([s.path for s in data.sketches], batch_size=batch_size)
     embed_seconds = time.time() - t_embed
-    result = retrieval_metrics(sketches, photos.vectors, data, threshold=embedder.threshold)
+    result = retrieval_metrics(sketches, photos, data, threshold=embedder.threshold)
     if embedder.threshold is None:
         logger.info("the model stores no threshold: calibrated one on this data")
     return EvalReport(

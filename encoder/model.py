@@ -24,6 +24,28 @@ LITE_STAGES = [
 LITE_SCALING = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
 
 
+def stage_starts(arch: str) -> list[int]:
+    """Index of the first block of each of the seven stages (Lite1/2 repeat the middle stages more than Lite0)."""
+    _, depth, _ = LITE_SCALING[arch]
+    starts, n = [], 0
+    for i, (repeats, *_rest) in enumerate(LITE_STAGES):
+        starts.append(n)
+        n += repeats if i in (0, len(LITE_STAGES) - 1) else int(math.ceil(depth * repeats))
+    return starts
+
+
+def default_mid_blocks(arch: str) -> tuple[int, int]:
+    """The tapped blocks, placed by stage so that every Lite size taps the same depths Lite0's (10, 13) do:
+    the last block of stage 5 (14 x 14 at 224 px) and the third block of stage 6 (7 x 7)."""
+    starts = stage_starts(arch)
+    return starts[5] - 1, starts[5] + 2
+
+
+def default_first_trained_block(arch: str) -> int:
+    """The first fine-tuned block: the start of stage 3 (Lite0's block 3, Lite1/2's block 4)."""
+    return stage_starts(arch)[2]
+
+
 @dataclass
 class ModelConfig:
     """The architecture; saved in every checkpoint so a model can be rebuilt without code flags."""

@@ -33,6 +33,8 @@ from encoder.model import (
     ModelConfig,
     SketchPhotoEncoder,
     build_model,
+    default_first_trained_block,
+    default_mid_blocks,
     load_imagenet_classifier,
     load_imagenet_weights,
     pool_grid,
@@ -70,7 +72,8 @@ class TrainConfig:
     image_size: int = 0  # 0: the model's default (DEFAULT_IMAGE_SIZE)
     dropout: float = 0.5
     shared_head: bool = True  # one head for both domains (False: a sketch head and a photo head)
-    train_from_block: int = 3  # blocks before this one are frozen and cached (3: the stem and blocks 0-2)
+    # blocks before this one are frozen and cached (None: the start of stage 3, Lite0's block 3 and Lite1/2's 4)
+    train_from_block: int | None = None
     sketch_norm: bool = False  # separate BatchNorm statistics for sketches, estimated on training sketches
     sketch_norm_front: bool = False  # only in the frozen front: the trainable blocks normalise both domains alike
     sketch_norm_samples: int = 1024  # real training sketches averaged for those statistics
@@ -438,10 +441,14 @@ def train(
     # ---- model
     if cfg.model == "seed":
         size = cfg.image_size or DEFAULT_IMAGE_SIZE["seed"]
+        first_trained = 0  # the seed network trains whole
         mcfg = ModelConfig(arch="seed", embed_dim=128, image_size=size, channels=1, mid_blocks=(), dropout=0.0)
         prep = Preprocessing(image_size=size, channels=1, mean=0.0, std=255.0)
     elif cfg.model in LITE_SCALING:
         size = cfg.image_size or DEFAULT_IMAGE_SIZE[cfg.model]
+        first_trained = (
+            cfg.train_from_block if cfg.train_from_block is not None else default_first_trained_block(cfg.model)
+        )
         mcfg = ModelConfig(
             arch=cfg.model,
             embed_dim=cfg.embed_dim,
@@ -450,7 +457,8 @@ def train(
             shared_head=cfg.shared_head,
             num_classes=len(categories),
             sketch_norm=cfg.sketch_norm,
-            sketch_norm_blocks=cfg.train_from_block if cfg.sketch_norm_front else 0,
+            sketch_norm_blocks=first_trained if cfg.sketch_norm_front else 0,
+            mid_blocks=default_mid_blocks(cfg.model),
         )
         prep = Preprocessing(image_size=size)
     else:
@@ -459,7 +467,7 @@ def train(
     if isinstance(model, SketchPhotoEncoder):
         load_imagenet_weights(model.trunk, mcfg.arch)
     model.to(device)
-    stages = Stages(model, cfg.train_from_block)
+    stages = Stages(model, first_trained)
 
     # ---- pairs: real sketches, HED pseudo-sketches of every photo
     photo_paths: list[Path] = []
@@ -803,6 +811,7 @@ def whiten_checkpoint(
     from dataclasses import replace
 
     from encoder.embedder import Embedder
+    from encoder.evaluate import embed_gallery
 
     if ckpt.config.arch not in LITE_SCALING or ckpt.config.embed_dim == 0:
         raise SketchSearchError(f"{ckpt.model_id}: only trained EfficientNet-Lite models can be whitened")
@@ -810,14 +819,26 @@ def whiten_checkpoint(
         raise SketchSearchError(f"{ckpt.model_id} is already whitened: start from the checkpoint before it")
     if power <= 0:
         raise SketchSearchError("the whitening power must be above 0 (0.5: full whitening)")
-    embedder = Embedder(ckpt)
     exclude = set(holdout or [])
     sets = [load_dataset(root) for root in _discover_sets(data_dirs)]
+    val_sets = [s.subset(categories=exclude) for s in sets if exclude] + [load_dataset(p) for p in val_dirs or []]
+    val_sets = [v for v in val_sets if v.photos]
+    if threshold is None and not val_sets:
+        # whitening spreads the scores, so the unwhitened model's threshold would be on the wrong scale
+        raise SketchSearchError(
+            "no threshold for the whitened model: give held-out categories or validation data to calibrate one "
+            "(--holdout, --val), or a threshold (--threshold)"
+        )
+    embedder = Embedder(ckpt)
     sketches, photos = [], []
     for data in (s.subset(exclude=exclude) for s in sets):
         paired = sorted({s for s, _ in data.instance_pairs()})
         sketches.append(embedder.embed_sketches([data.sketches[i].path for i in paired]))
-        photos.append(embedder.embed_photo_files([p.path for p in data.photos]).vectors)
+        embedded = embedder.embed_photo_files([p.path for p in data.photos])
+        if embedded.failures:  # the fit only needs the photos' spread, so a bad file is left out, not fatal
+            logger.warning("%s: %d photos could not be read and are left out of the fit", data.root,
+                           len(embedded.failures))
+        photos.append(embedded.vectors)
     mean, matrix = fit_whitening(np.concatenate(sketches), np.concatenate(photos), power, shrink)
     model = ckpt.build()
     assert isinstance(model, SketchPhotoEncoder)
@@ -829,21 +850,17 @@ def whiten_checkpoint(
         train_config={**ckpt.train_config, "whiten_power": power, "whiten_shrink": shrink},
     )
     # validated like train(): the held-out categories of the data first, then the extra folders
-    val_sets = [s.subset(categories=exclude) for s in sets if exclude] + [load_dataset(p) for p in val_dirs or []]
     validation: dict[str, Any] = {}
-    if any(v.photos for v in val_sets):
-        out_embedder = Embedder(whitened)
-        for v in (v for v in val_sets if v.photos):
-            validation[str(v.root.name)] = retrieval_metrics(
-                out_embedder.embed_sketches([s.path for s in v.sketches]),
-                out_embedder.embed_photo_files([p.path for p in v.photos]).vectors,
-                v,
-            )
-        if threshold is None:
-            threshold = next(iter(validation.values()))["threshold"]["value"]
+    out_embedder = Embedder(whitened)
+    for v in val_sets:
+        validation[str(v.root.name)] = retrieval_metrics(
+            out_embedder.embed_sketches([s.path for s in v.sketches]), embed_gallery(out_embedder, v), v
+        )
+    if threshold is None:
+        threshold = next(iter(validation.values()))["threshold"]["value"]
     return replace(
         whitened,
-        threshold=threshold if threshold is not None else ckpt.threshold,
+        threshold=threshold,
         metrics={
             **ckpt.metrics,
             "validation_unwhitened": ckpt.metrics.get("validation", {}),

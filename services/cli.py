@@ -78,8 +78,9 @@ def train_command(
         int, typer.Option(help="Input side in pixels (0: the model's default).")
     ] = 0,
     train_from_block: Annotated[
-        int, typer.Option(help="Trunk blocks before this one stay frozen (and cached).")
-    ] = 3,
+        int | None,
+        typer.Option(help="Trunk blocks before this one stay frozen (and cached); default: the start of stage 3."),
+    ] = None,
     sketch_norm: Annotated[
         bool, typer.Option(help="Separate BatchNorm statistics for sketches (AdaBN), estimated on training sketches.")
     ] = False,

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from encoder.export import export_onnx
-from encoder.model import DomainBatchNorm, ModelConfig, SketchPhotoEncoder, build_model
+from encoder.model import DomainBatchNorm, EfficientNetLite, ModelConfig, SketchPhotoEncoder, build_model
 from encoder.train import estimate_sketch_norm, sketch_norm_digest
 
 
@@ -69,3 +69,24 @@ def test_front_only_sketch_statistics_stop_at_the_trainable_blocks() -> None:
     assert isinstance(model.trunk._bn0, DomainBatchNorm)
     assert not isinstance(model.trunk._bn1, DomainBatchNorm)
     assert {int(i) for i in dual} == set(range(11))
+
+
+def test_stage_boundaries_match_the_built_trunks() -> None:
+    """Lite1 and Lite2 repeat the middle stages more often, so their taps and first trained block sit at other
+    indices than Lite0's: each must fall on the same stage boundary of the trunk that is actually built."""
+    from encoder.model import LITE_SCALING, default_first_trained_block, default_mid_blocks, stage_starts
+
+    assert default_mid_blocks("lite0") == (10, 13) and default_first_trained_block("lite0") == 3
+    for arch in LITE_SCALING:
+        trunk = EfficientNetLite(arch, 192)
+        starts = stage_starts(arch)
+        channels = trunk.block_channels
+        assert len(trunk._blocks) == starts[-1] + 1
+        for s in starts[1:]:  # every stage changes the channel count at its first block, nowhere else
+            assert channels[s] != channels[s - 1]
+        changes = [i for i in range(1, len(channels)) if channels[i] != channels[i - 1]]
+        assert changes == starts[1:]
+        last_of_5, third_of_6 = default_mid_blocks(arch)
+        assert trunk.block_sizes[last_of_5] == 12 and channels[last_of_5] != channels[last_of_5 + 1]
+        assert trunk.block_sizes[third_of_6] == 6 and third_of_6 - starts[5] == 2
+        assert default_first_trained_block(arch) == starts[2] and trunk.block_sizes[starts[2] - 1] == 48

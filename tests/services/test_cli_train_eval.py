@@ -57,6 +57,27 @@ def test_eval_with_an_unknown_model_is_a_clear_error(sketchy: Path, tmp_path: Pa
     assert "not found" in result.output
 
 
+def test_a_gallery_photo_that_cannot_be_read_stops_eval_and_whiten_validation(sketchy: Path, tmp_path: Path) -> None:
+    """The metrics index the gallery by position: a skipped photo would shift every photo after it, so a truncated
+    file is a clear error that names it, not a silently wrong score."""
+    data = small_set(sketchy, tmp_path)
+    victim = sorted((data / "photo" / "chair").glob("*.jpg"))[1]
+    raw = victim.read_bytes()
+    victim.unlink()  # a symlink into the shared data: replace it, never write through it
+    victim.write_bytes(raw[: len(raw) // 3])
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(data)])
+    assert result.exit_code == 2 and "could not be read" in result.output and victim.name in result.output
+    from encoder.checkpoint import save_checkpoint
+
+    plain = save_checkpoint(load_checkpoint("default").without_whitening(), tmp_path / "plain.pt")
+    result = runner.invoke(
+        app, ["whiten", str(data), "--model", str(plain), "--holdout", "chair", "--out", str(tmp_path / "w.pt")]
+    )
+    assert result.exit_code == 2 and "could not be read" in result.output and victim.name in result.output
+    assert not (tmp_path / "w.pt").exists()
+
+
 def test_train_command_defaults_are_the_train_config_defaults() -> None:
     """The CLI restates TrainConfig's defaults (importing torch to read them would slow every command): keep them
     equal, so that `sketchsearch train` with no flags trains the shipped settings."""
@@ -108,3 +129,14 @@ def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_
 
     again = runner.invoke(app, ["whiten", str(data), "--model", str(out), "--out", str(tmp_path / "twice.pt")])
     assert again.exit_code == 2 and "already whitened" in again.output
+
+    # with nothing to calibrate on and no --threshold, the unwhitened threshold would be on the wrong scale
+    unscaled = tmp_path / "unscaled.pt"
+    result = runner.invoke(app, ["whiten", str(data), "--model", str(source), "--out", str(unscaled)])
+    assert result.exit_code == 2 and "no threshold" in result.output and "--threshold" in result.output
+    assert not unscaled.exists()
+    result = runner.invoke(
+        app, ["whiten", str(data), "--model", str(source), "--out", str(unscaled), "--threshold", "0.3"]
+    )
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(unscaled).threshold == 0.3
