@@ -862,7 +862,8 @@ def whiten_checkpoint(
         whitened,
         threshold=threshold,
         metrics={
-            **ckpt.metrics,
+            # the unwhitened validation would read as this model's: it moves aside, replaced when there is one
+            **{k: v for k, v in ckpt.metrics.items() if k != "validation"},
             "validation_unwhitened": ckpt.metrics.get("validation", {}),
             **({"validation": validation} if validation else {}),
             "whitening": {

@@ -139,4 +139,5 @@ def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_
         app, ["whiten", str(data), "--model", str(source), "--out", str(unscaled), "--threshold", "0.3"]
     )
     assert result.exit_code == 0, result.output
-    assert load_checkpoint(unscaled).threshold == 0.3
+    given = load_checkpoint(unscaled)
+    assert given.threshold == 0.3 and "validation" not in given.metrics and "validation_unwhitened" in given.metrics
