@@ -97,7 +97,9 @@ class TrainConfig:
 
 # Lite0 runs at 192 px rather than its native 224: held-out retrieval measured the same (docs/BENCHMARKS.md)
 # and a photo costs 27% fewer FLOPs, which is what lets ONNX Runtime embed 150 photos/s on two cores.
-DEFAULT_IMAGE_SIZE = {"seed": 96, "lite0": 192, "lite1": 240, "lite2": 260}
+# Lite1 and Lite2 too: their native 240 and 260 px would cost 1.6 and 1.8 times the pixels, and Lite2 at 192 px
+# already falls below that target in fp32 (142 photos/s end to end, docs/BENCHMARKS.md, seventh session).
+DEFAULT_IMAGE_SIZE = {"seed": 96, "lite0": 192, "lite1": 192, "lite2": 192}
 
 
 def seed_everything(seed: int) -> None:
