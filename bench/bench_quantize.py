@@ -19,7 +19,7 @@ import numpy as np
 from encoder.checkpoint import load_checkpoint
 from encoder.data import HELD_OUT_CATEGORIES, load_dataset
 from encoder.embedder import Embedder
-from encoder.export import EXPORT_VERSION
+from encoder.export import export_onnx
 from encoder.metrics import retrieval_metrics
 from encoder.preprocess import Preprocessing, load_photo, prepare_photo
 
@@ -38,8 +38,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
     args = parser.parse_args()
     ckpt = load_checkpoint(None if args.model == "default" else args.model)
-    embedder = Embedder(ckpt)  # exports the fp32 branches into the ONNX cache
-    fp32 = Path(tempfile.gettempdir()) / "sketchsearch-onnx" / f"{ckpt.model_id}-photo-x{EXPORT_VERSION}.onnx"
+    embedder = Embedder(ckpt)  # the sketches' fp32 branch
+    work = Path(tempfile.mkdtemp())
+    prep = ckpt.preprocessing
+    fp32 = export_onnx(ckpt.build(), "photo", prep.image_size, prep.channels, work / "photo-fp32.onnx")
     sketchy = load_dataset(args.data / "sketchy100")
     held = set(HELD_OUT_CATEGORIES)
     seen = [p.path for p in sketchy.subset(exclude=held).photos]
@@ -52,7 +54,7 @@ def main() -> None:
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.batches, None)
 
-    int8 = Path(tempfile.mkdtemp()) / f"{ckpt.model_id}-photo-int8.onnx"
+    int8 = work / "photo-int8.onnx"
     quantize_static(
         str(fp32), str(int8), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,

@@ -20,6 +20,7 @@ import numpy as np
 from encoder.checkpoint import load_checkpoint
 from encoder.data import HELD_OUT_CATEGORIES, SketchyDataset, load_dataset
 from encoder.embedder import Embedder
+from encoder.evaluate import embed_gallery
 from encoder.metrics import retrieval_metrics
 from encoder.whitening import fit_whitening
 
@@ -28,7 +29,7 @@ def _embed(embedder: Embedder, data: SketchyDataset, paired_only: bool) -> tuple
     sketches = sorted({s for s, _ in data.instance_pairs()}) if paired_only else range(len(data.sketches))
     return (
         embedder.embed_sketches([data.sketches[i].path for i in sketches]),
-        embedder.embed_photo_files([p.path for p in data.photos]).vectors,
+        embed_gallery(embedder, data),
     )
 
 
