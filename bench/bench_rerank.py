@@ -18,6 +18,7 @@ import numpy as np
 from encoder.checkpoint import load_checkpoint
 from encoder.data import HELD_OUT_CATEGORIES, SketchyDataset, load_dataset
 from encoder.embedder import Embedder
+from encoder.evaluate import embed_gallery
 from encoder.metrics import retrieval_metrics
 
 
@@ -51,7 +52,7 @@ def main() -> None:
         ("qmul-shoes/test", load_dataset(args.data / "qmul-shoes" / "test")),
     ]
     for name, data in suites:
-        photos = embedder.embed_photo_files([p.path for p in data.photos]).vectors
+        photos = embed_gallery(embedder, data)  # an unreadable photo is an error, not a shifted index
         sketches = embedder.embed_sketches([s.path for s in data.sketches])
         print(f"\n{name}: {len(data.sketches)} sketches, {len(data.photos)} photos, {embedder.model_id}")
         print(f"{'ranking':<34} {'acc@1':>6} {'acc@10':>6} {'mAP@all':>8}")

@@ -42,8 +42,11 @@ def default_mid_blocks(arch: str) -> tuple[int, int]:
 
 
 def default_first_trained_block(arch: str) -> int:
-    """The first fine-tuned block: the start of stage 3 (Lite0's block 3, Lite1/2's block 4)."""
-    return stage_starts(arch)[2]
+    """The first fine-tuned block: the start of stage 3 for Lite0 (block 3), of stage 4 for Lite1/2 (block 7).
+
+    Lite1/2 from stage 4 cost about what Lite0 from stage 3 costs per step, and that is what was measured on
+    held-out categories (docs/BENCHMARKS.md); from stage 3 they would cost about 1.7 times more, unmeasured."""
+    return stage_starts(arch)[2 if arch == "lite0" else 3]
 
 
 @dataclass

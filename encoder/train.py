@@ -72,7 +72,7 @@ class TrainConfig:
     image_size: int = 0  # 0: the model's default (DEFAULT_IMAGE_SIZE)
     dropout: float = 0.5
     shared_head: bool = True  # one head for both domains (False: a sketch head and a photo head)
-    # blocks before this one are frozen and cached (None: the start of stage 3, Lite0's block 3 and Lite1/2's 4)
+    # blocks before this one are frozen and cached (None: default_first_trained_block: Lite0 3, Lite1/2 7)
     train_from_block: int | None = None
     sketch_norm: bool = False  # separate BatchNorm statistics for sketches, estimated on training sketches
     sketch_norm_front: bool = False  # only in the frozen front: the trainable blocks normalise both domains alike

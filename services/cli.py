@@ -79,7 +79,10 @@ def train_command(
     ] = 0,
     train_from_block: Annotated[
         int | None,
-        typer.Option(help="Trunk blocks before this one stay frozen (and cached); default: the start of stage 3."),
+        typer.Option(
+            help="Trunk blocks before this one stay frozen (and cached); default: the start of stage 3 "
+            "(Lite0) or stage 4 (Lite1/2)."
+        ),
     ] = None,
     sketch_norm: Annotated[
         bool, typer.Option(help="Separate BatchNorm statistics for sketches (AdaBN), estimated on training sketches.")
