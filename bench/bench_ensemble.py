@@ -49,7 +49,7 @@ def main() -> None:
     embedded: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in suites]
     names = []
     for ref in args.models:
-        ckpt = load_checkpoint(None if ref == "default" else ref)
+        ckpt = load_checkpoint(ref)  # "default" names the shipped model
         names.append(ckpt.model_id)
         embedder = Embedder(ckpt)
         for i, data in enumerate(suites):

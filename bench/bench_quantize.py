@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=96, help="training-category photos to calibrate on")
     parser.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[1] / ".." / "shared" / "data")
     args = parser.parse_args()
-    ckpt = load_checkpoint(None if args.model == "default" else args.model)
+    ckpt = load_checkpoint(args.model)  # "default" names the shipped model
     embedder = Embedder(ckpt)  # the sketches' fp32 branch
     work = Path(tempfile.mkdtemp())
     prep = ckpt.preprocessing
@@ -45,7 +45,7 @@ def main() -> None:
     sketchy = load_dataset(args.data / "sketchy100")
     held = set(HELD_OUT_CATEGORIES)
     seen = [p.path for p in sketchy.subset(exclude=held).photos]
-    calibration = _arrays(seen[:: max(1, len(seen) // args.calibration)][: args.calibration], embedder.prep)
+    calibration = _arrays(seen[:: max(1, len(seen) // args.calibration)][: args.calibration], prep)
 
     class Reader(CalibrationDataReader):  # type: ignore[misc]
         def __init__(self) -> None:
@@ -63,7 +63,7 @@ def main() -> None:
         name: ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for name, path in (("fp32", fp32), ("int8", int8))
     }
-    timing = _arrays([p.path for p in sketchy.photos[:256]], embedder.prep)
+    timing = _arrays([p.path for p in sketchy.photos[:256]], prep)
 
     def embed(name: str, photos: np.ndarray) -> np.ndarray:
         session = sessions[name]
@@ -75,7 +75,7 @@ def main() -> None:
         ("qmul-shoes/test", load_dataset(args.data / "qmul-shoes" / "test")),
     ]
     queries = [embedder.embed_sketches([s.path for s in data.sketches]) for _, data in suites]
-    galleries = [_arrays([p.path for p in data.photos], embedder.prep) for _, data in suites]
+    galleries = [_arrays([p.path for p in data.photos], prep) for _, data in suites]
     print(f"{ckpt.model_id}: calibrated on {len(calibration)} photos of the training categories")
     print(f"{'photo branch':<13} {'photos/s':>9} {'held-out acc@1':>15} {'acc@10':>7} {'mAP@all':>8}", end="")
     print(f" {'shoes acc@1':>12} {'acc@10':>7}")
