@@ -99,6 +99,10 @@ def train_command(
     cache_views: Annotated[
         int, typer.Option(help="Augmented views of each image cached for training (the first is unaugmented).")
     ] = 2,
+    mirror_pairs: Annotated[
+        bool,
+        typer.Option(help="Mirror a sketch and its photo together in training (--no-mirror-pairs: a coin flip each)."),
+    ] = True,
     whiten_power: Annotated[
         float, typer.Option(help="Whitening fitted on the training embeddings after training (0: off, 0.5: full).")
     ] = 0.25,
@@ -118,7 +122,8 @@ def train_command(
         shared_head=not separate_heads,
         nce_weight=nce_weight, image_size=image_size, train_from_block=train_from_block,
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
-        kd_weight=kd_weight, cache_views=cache_views, whiten_power=whiten_power, whiten_shrink=whiten_shrink,
+        kd_weight=kd_weight, cache_views=cache_views, mirror_pairs=mirror_pairs,
+        whiten_power=whiten_power, whiten_shrink=whiten_shrink,
     )
     if out.suffix != ".pt":
         out = out / "model.pt"

@@ -17,11 +17,14 @@ from encoder.train import (
     Stages,
     TrainConfig,
     build_cache,
+    draw_views,
     info_nce_loss,
     photo_input,
+    sketch_input,
     teacher_logits,
     train,
     triplet_loss,
+    view_mirror,
 )
 
 CATEGORIES = ["apple", "cat", "chair"]
@@ -50,6 +53,26 @@ def test_triplet_loss_prefers_matched_pairs() -> None:
     assert float(triplet_loss(a, a, 0.2, "hardest")) < float(triplet_loss(a, a.roll(1, 0), 0.2, "hardest"))
     assert float(triplet_loss(a, a, 0.2, "semihard")) >= 0
     assert float(info_nce_loss(a, a, 0.07)) < float(info_nce_loss(a, a.roll(1, 0), 0.07))
+
+
+def test_mirror_pairs_mirror_a_sketch_and_its_photo_together(sketchy: Path) -> None:
+    """With mirror_pairs, odd views are mirrored and even ones not, and a pair's two views share a parity."""
+    import random
+
+    prep = Preprocessing(image_size=96)
+    sketch = sorted((sketchy / "sketch" / "apple").glob("*.png"))[0]
+    photo = sorted((sketchy / "photo" / "apple").glob("*.jpg"))[0]
+    for path, make in ((sketch, sketch_input), (photo, photo_input)):
+        plain = make(path, prep, random.Random(5), view_mirror(2, True))
+        mirrored = make(path, prep, random.Random(5), view_mirror(3, True))
+        assert np.allclose(mirrored, plain[:, :, ::-1])  # the same affine draw, then mirrored
+        assert not np.allclose(mirrored, plain)
+    assert view_mirror(1, False) is None  # without mirror_pairs each view flips its own coin
+
+    sk, ph = draw_views(400, 4, True, random.Random(0))
+    assert all(a % 2 == b % 2 for a, b in zip(sk, ph, strict=True)) and set(ph) == {0, 1, 2, 3}
+    sk, ph = draw_views(400, 4, False, random.Random(0))
+    assert any(a % 2 != b % 2 for a, b in zip(sk, ph, strict=True))
 
 
 @pytest.mark.slow
@@ -112,7 +135,7 @@ def test_teacher_logits_from_cached_features_are_the_imagenet_networks(sketchy: 
     model.eval()
     prep = Preprocessing(image_size=192)
     paths = sorted((sketchy / "photo" / "apple").glob("*.jpg"))[:3]
-    items = [(p, lambda rng, p=p: photo_input(p, prep, rng)) for p in paths]
+    items = [(p, lambda rng, view, p=p: photo_input(p, prep, rng)) for p in paths]
     stages = Stages(model, 11)
     cache = build_cache(stages, items, 1, 0, torch.device("cpu"), "test", "photo")
     from_cache = teacher_logits(model, 11, cache, torch.device("cpu"))[:, 0].float()
