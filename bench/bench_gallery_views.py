@@ -23,7 +23,6 @@ from PIL import ImageOps
 from encoder.checkpoint import load_checkpoint
 from encoder.data import HELD_OUT_CATEGORIES, SketchyDataset, load_dataset
 from encoder.embedder import Embedder
-from encoder.evaluate import embed_gallery
 from encoder.metrics import retrieval_metrics
 from encoder.preprocess import load_photo
 
@@ -40,9 +39,11 @@ def _row(label: str, m: dict) -> str:
 
 
 def report(embedder: Embedder, name: str, data: SketchyDataset, pseudo: Path | None, weights: list[float]) -> None:
-    photos = embed_gallery(embedder, data)  # an unreadable photo is an error, not a shifted index
+    # decoded once for both galleries; an unreadable photo raises here rather than shifting the index
+    decoded = [load_photo(p.path, embedder.prep) for p in data.photos]
+    photos = embedder.embed_photos(decoded)
+    mirrored = embedder.embed_photos([ImageOps.mirror(photo) for photo in decoded])
     sketches = embedder.embed_sketches([s.path for s in data.sketches])
-    mirrored = embedder.embed_photos([ImageOps.mirror(load_photo(p.path, embedder.prep)) for p in data.photos])
     print(f"\n{name}: {len(data.sketches)} sketches, {len(data.photos)} photos, {embedder.model_id}")
     print(f"{'gallery vectors':<40} {'acc@1':>6} {'acc@3':>6} {'acc@10':>6} {'mAP@all':>8}")
     print(_row("photos (cosine)", retrieval_metrics(sketches, photos, data)))

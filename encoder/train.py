@@ -133,9 +133,14 @@ def _affine(
             left = (new - size) // 2
             canvas = resized.crop((left, left, left + size, left + size))
         out = canvas
-    if rng.random() < 0.5 if mirror is None else mirror:
+    flip = rng.random() < 0.5 if mirror is None else mirror
+    if flip:
         out = ImageOps.mirror(out)
     return out
+
+
+# an image's model input for a cached view: (augmentation generator or None for the plain view, view index)
+ViewLoader = Callable[[random.Random | None, int], np.ndarray]
 
 
 def view_mirror(view: int, mirror_pairs: bool) -> bool | None:
@@ -255,7 +260,7 @@ class Cache:
 
 def build_cache(
     stages: Stages,
-    items: list[tuple[Path, Callable[[random.Random | None, int], np.ndarray]]],
+    items: list[tuple[Path, ViewLoader]],
     views: int,
     seed: int,
     device: torch.device,
@@ -546,10 +551,10 @@ def train(
     sk_row = {s: r for r, s in enumerate(used_sketches)}
     ph_row = {p: r for r, p in enumerate(used_photos)}
 
-    def sketch_loader(path: Path) -> Callable[[random.Random | None, int], np.ndarray]:
+    def sketch_loader(path: Path) -> ViewLoader:
         return lambda rng, view: sketch_input(path, prep, rng, view_mirror(view, cfg.mirror_pairs))
 
-    def photo_loader(path: Path) -> Callable[[random.Random | None, int], np.ndarray]:
+    def photo_loader(path: Path) -> ViewLoader:
         return lambda rng, view: photo_input(path, prep, rng, view_mirror(view, cfg.mirror_pairs))
 
     def store(kind: str) -> Path | None:
