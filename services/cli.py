@@ -42,7 +42,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
 @app.command("train")
 def train_command(
     data_dirs: Annotated[list[Path], typer.Argument(help="Sketchy-layout folder(s), or a folder holding several.")],
-    model: Annotated[str, typer.Option(help="seed, lite0, lite1 or lite2.")] = "lite0",
+    model: Annotated[str, typer.Option(help="seed, lite0, lite1 or lite2.")] = "lite1",
     epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 24,
     out: Annotated[
         Path, typer.Option(help="Output folder (gets model.pt), or a checkpoint file name ending in .pt.")
