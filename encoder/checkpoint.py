@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 # Lite1 since the tenth session: on unseen categories about +0.04 acc@1 and acc@10 over Lite0 at 24 epochs, for
-# about 15% fewer photos/s on this CPU (docs/BENCHMARKS.md)
+# about a fifth fewer photos/s on this CPU (docs/BENCHMARKS.md); the faster Lite0 stays shipped beside it
 DEFAULT_MODEL = "sketchsearch-lite1"
 
 
