@@ -70,6 +70,11 @@ class TrainConfig:
     nce_temperature: float = 0.07
     kd_weight: float = 0.0  # distillation of the ImageNet classifier's view of each photo into both embeddings
     kd_temperature: float = 2.0  # softens the teacher's 1000-way distribution
+    # relational distillation: each batch photo's similarities to the other batch photos follow the ImageNet
+    # trunk's. Fine-tuning costs unseen photos their category structure (photo-to-photo mAP 0.83 with ImageNet
+    # features, 0.69 after training; docs/BENCHMARKS.md, tenth session), which category ranking of sketches needs.
+    rkd_weight: float = 0.0
+    rkd_temperature: float = 0.1  # of both similarity distributions (cosines of centred, normalised features)
     embed_dim: int = 512  # with ce_weight 1.0: +0.015 held-out mAP over 256-d and 0.5 at 16 epochs (3 seeds each)
     image_size: int = 0  # 0: the model's default (DEFAULT_IMAGE_SIZE)
     dropout: float = 0.5
@@ -377,26 +382,60 @@ def distillation_loss(
 
 
 @torch.no_grad()
-def teacher_logits(
-    model: SketchPhotoEncoder, start: int, cache: Cache, device: torch.device, batch: int = 128
+def _teacher_outputs(
+    model: SketchPhotoEncoder,
+    start: int,
+    cache: Cache,
+    device: torch.device,
+    project: Callable[[torch.Tensor], torch.Tensor],
+    batch: int = 128,
 ) -> torch.Tensor:
-    """ImageNet logits (N, V, 1000) of every cached photo view, from the untouched pretrained trunk.
+    """project(pooled ImageNet features) of every cached photo view (N, V, D), from the untouched trunk.
 
     Called before the first training step, while the trainable blocks still hold their ImageNet weights: the
-    frozen front's cached outputs plus those blocks and the ImageNet classifier are the pretrained network.
+    frozen front's cached outputs plus those blocks are the pretrained network.
     """
-    fc_w, fc_b = (t.to(device) for t in load_imagenet_classifier(model.cfg.arch))
     model.eval()
     model.trunk.set_domain("photo")
     n, views = cache.maps.shape[:2]
-    out = torch.empty(n, views, fc_w.shape[0], dtype=torch.float16)
+    out = torch.zeros(0)
     for v in range(views):
         for lo in range(0, n, batch):
             idx = list(range(lo, min(n, lo + batch)))
             h, _ = cache.take(idx, [v] * len(idx), device)
             final, _ = model.trunk.forward_blocks(h, start, ())
-            out[lo : lo + len(idx), v] = (final.mean(dim=(2, 3)) @ fc_w.t() + fc_b).half().cpu()
+            values = project(final.mean(dim=(2, 3)).float())
+            if out.numel() == 0:
+                out = torch.empty(n, views, values.shape[-1], dtype=torch.float16)
+            out[lo : lo + len(idx), v] = values.half().cpu()
     return out
+
+
+def teacher_logits(model: SketchPhotoEncoder, start: int, cache: Cache, device: torch.device) -> torch.Tensor:
+    """ImageNet logits (N, V, 1000) of every cached photo view: the distillation targets of --kd-weight."""
+    fc_w, fc_b = (t.to(device) for t in load_imagenet_classifier(model.cfg.arch))
+    return _teacher_outputs(model, start, cache, device, lambda pooled: pooled @ fc_w.t() + fc_b)
+
+
+def teacher_features(model: SketchPhotoEncoder, start: int, cache: Cache, device: torch.device) -> torch.Tensor:
+    """Pooled ImageNet features (N, V, 1280) of every cached photo view, centred on their mean and L2-normalised.
+
+    Centring spreads their cosines (the ReLU6 features of any two photos are positively correlated), so that the
+    similarity distributions of --rkd-weight tell near from far.
+    """
+    pooled = _teacher_outputs(model, start, cache, device, lambda p: p).float()
+    return F.normalize(pooled - pooled.mean(dim=(0, 1)), dim=-1).half()
+
+
+def relation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL divergence of the student's from the teacher's similarity distribution of each row over the others."""
+    n = len(student)
+    if n < 3:
+        return student.sum() * 0.0
+    off = ~torch.eye(n, dtype=torch.bool, device=student.device)
+    s = (student @ student.t() / temperature)[off].view(n, n - 1)
+    t = (teacher @ teacher.t() / temperature)[off].view(n, n - 1)
+    return F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), log_target=True, reduction="batchmean")
 
 
 # ---------------------------------------------------------------- evaluation on cached or raw inputs
@@ -622,6 +661,15 @@ def train(
         logger.info("teacher logits of %d photo views in %.0f s", kd_targets.shape[0] * kd_targets.shape[1],
                     time.time() - t_kd)
 
+    # ---- the relational teacher: centred ImageNet features of every photo view, likewise taken before training
+    rkd_on = cfg.rkd_weight > 0 and isinstance(model, SketchPhotoEncoder)
+    rkd_targets = torch.zeros(0)
+    if rkd_on:
+        t_rkd = time.time()
+        rkd_targets = teacher_features(model, stages.start, ph_cache, device)  # type: ignore[arg-type]
+        logger.info("teacher features of %d photo views in %.0f s", rkd_targets.shape[0] * rkd_targets.shape[1],
+                    time.time() - t_rkd)
+
     # ---- optimiser
     trunk_params, head_params = stages.trainable()
     if kd_on:
@@ -731,6 +779,9 @@ def train(
                         distillation_loss(es, kd_classifier, kd_scale, target, cfg.kd_temperature)
                         + distillation_loss(ep, kd_classifier, kd_scale, target, cfg.kd_temperature)
                     )
+                if rkd_on:
+                    target = rkd_targets[torch.tensor(ph_idx), torch.tensor(ph_views)].to(device).float()
+                    loss = loss + cfg.rkd_weight * relation_loss(ep, target, cfg.rkd_temperature)
                 if ce_on:
                     labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
                     weight: torch.Tensor = model.classifier  # type: ignore[assignment]

@@ -96,6 +96,10 @@ def train_command(
     kd_weight: Annotated[
         float, typer.Option(help="Weight of distilling the ImageNet classifier's view of each photo (0: off).")
     ] = 0.0,
+    rkd_weight: Annotated[
+        float,
+        typer.Option(help="Weight of keeping photo-to-photo similarities close to the ImageNet trunk's (0: off)."),
+    ] = 0.0,
     cache_views: Annotated[
         int, typer.Option(help="Augmented views of each image cached for training (the first is unaugmented).")
     ] = 2,
@@ -122,7 +126,7 @@ def train_command(
         shared_head=not separate_heads,
         nce_weight=nce_weight, image_size=image_size, train_from_block=train_from_block,
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
-        kd_weight=kd_weight, cache_views=cache_views, mirror_pairs=mirror_pairs,
+        kd_weight=kd_weight, rkd_weight=rkd_weight, cache_views=cache_views, mirror_pairs=mirror_pairs,
         whiten_power=whiten_power, whiten_shrink=whiten_shrink,
     )
     if out.suffix != ".pt":

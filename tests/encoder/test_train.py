@@ -20,7 +20,9 @@ from encoder.train import (
     draw_views,
     info_nce_loss,
     photo_input,
+    relation_loss,
     sketch_input,
+    teacher_features,
     teacher_logits,
     train,
     triplet_loss,
@@ -53,6 +55,19 @@ def test_triplet_loss_prefers_matched_pairs() -> None:
     assert float(triplet_loss(a, a, 0.2, "hardest")) < float(triplet_loss(a, a.roll(1, 0), 0.2, "hardest"))
     assert float(triplet_loss(a, a, 0.2, "semihard")) >= 0
     assert float(info_nce_loss(a, a, 0.07)) < float(info_nce_loss(a, a.roll(1, 0), 0.07))
+
+
+def test_relation_loss_is_zero_for_the_teachers_own_similarities() -> None:
+    torch.manual_seed(0)
+    teacher = torch.nn.functional.normalize(torch.randn(10, 32), dim=1)
+    student = torch.nn.functional.normalize(torch.randn(10, 16, requires_grad=True), dim=1)
+    assert float(relation_loss(teacher, teacher, 0.1)) < 1e-6
+    loss = relation_loss(student, teacher, 0.1)
+    assert float(loss) > 0.1
+    loss.backward()  # the student's similarities get a gradient toward the teacher's
+    # the same vectors in another order: each row's neighbours are no longer the teacher's
+    assert float(relation_loss(teacher.roll(1, 0), teacher, 0.1)) > 0.1
+    assert float(relation_loss(teacher[:2], teacher[:2], 0.1)) == 0.0  # too few photos to compare
 
 
 def test_mirror_pairs_mirror_a_sketch_and_its_photo_together(sketchy: Path) -> None:
@@ -99,6 +114,7 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
         holdout=["chair"],
         train_from_block=14,
         kd_weight=1.0,
+        rkd_weight=1.0,
         whiten_power=0.25,
     )
     out = tmp_path / "lite.pt"
@@ -148,6 +164,14 @@ def test_teacher_logits_from_cached_features_are_the_imagenet_networks(sketchy: 
     assert from_cache.shape == (3, 1000)
     assert torch.allclose(from_cache, direct, atol=0.05, rtol=0.01)  # the cache and the targets are fp16
     assert (from_cache.argmax(1) == direct.argmax(1)).all()
+
+    # the relational targets: the same network's pooled features, centred on their mean and normalised
+    features = teacher_features(model, 11, cache, torch.device("cpu"))[:, 0].float()
+    with torch.no_grad():
+        pooled = final.mean(dim=(2, 3))
+    expected = torch.nn.functional.normalize(pooled - pooled.mean(0), dim=1)
+    assert features.shape == (3, 1280)
+    assert torch.allclose(features, expected, atol=0.01)
 
 
 def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None:
