@@ -63,7 +63,7 @@ def test_relation_loss_is_zero_for_the_teachers_own_similarities() -> None:
     raw = torch.randn(10, 16, requires_grad=True)
     assert float(relation_loss(teacher, teacher, 0.1)) < 1e-6
     loss = relation_loss(torch.nn.functional.normalize(raw, dim=1), teacher, 0.1)
-    assert float(loss) > 0.1
+    assert float(loss.detach()) > 0.1
     loss.backward()  # the student's similarities get a gradient toward the teacher's
     assert raw.grad is not None and float(raw.grad.abs().sum()) > 0
     # the same vectors in another order: each row's neighbours are no longer the teacher's
