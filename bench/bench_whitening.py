@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--shrinks", default="0.03,0.1,0.3,1.0")
     args = parser.parse_args()
     ckpt = load_checkpoint(args.model)
+    if ckpt.config.pooled_weight > 0:
+        print(f"{ckpt.model_id} joins the pooled vector: measured without the join")
+        ckpt = ckpt.without_pooled_join()
     if ckpt.config.whiten:
         print(f"{ckpt.model_id} is whitened: measured without its whitening")
         ckpt = ckpt.without_whitening()

@@ -49,7 +49,7 @@ class Checkpoint:
 
     @property
     def dim(self) -> int:
-        return self.config.embed_dim if self.config.embed_dim else 1280
+        return self.config.output_dim
 
     def without_whitening(self) -> Checkpoint:
         """The same trained weights without their whitening (itself when it has none): the model before it."""
@@ -59,6 +59,16 @@ class Checkpoint:
             self,
             config=replace(self.config, whiten=False),
             state_dict={k: v for k, v in self.state_dict.items() if not k.startswith("whiten_")},
+        )
+
+    def without_pooled_join(self) -> Checkpoint:
+        """The same model without its pooled join (itself when it has none): the model before `join-pooled`."""
+        if self.config.pooled_weight <= 0:
+            return self
+        return replace(
+            self,
+            config=replace(self.config, pooled_weight=0.0, pooled_dims=0),
+            state_dict={k: v for k, v in self.state_dict.items() if not k.startswith("pooled_")},
         )
 
     def build(self) -> nn.Module:

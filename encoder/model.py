@@ -20,6 +20,7 @@ LITE_STAGES = [
     (4, 5, 2, 6, 112, 192),
     (1, 3, 1, 6, 192, 320),
 ]
+POOLED_DIM = 1280  # channels of the trunk's head convolution, pooled into its final vector
 # width, depth multipliers and native resolution
 LITE_SCALING = {"lite0": (1.0, 1.0, 224), "lite1": (1.0, 1.1, 240), "lite2": (1.1, 1.2, 260)}
 
@@ -70,7 +71,20 @@ class ModelConfig:
     sketch_norm: bool = False  # the trunk keeps separate BatchNorm statistics for sketches (see DomainBatchNorm)
     sketch_norm_blocks: int = 0  # with sketch_norm: only the stem and this many leading blocks do (0: all)
     whiten: bool = False  # embeddings are centred and whitened after the head (statistics fitted after training)
+    # photos run through a second trunk that keeps its ImageNet weights; only the sketch trunk is fine-tuned
+    frozen_photo_trunk: bool = False
+    # the trunk's final pooled vector, centred on its domain's training mean and L2-normalised, joined to the
+    # embedding at this weight (0: off): it keeps the category structure that the head gives up for exact matches
+    pooled_weight: float = 0.0
+    pooled_dims: int = 0  # >0: that vector projected onto its top principal components first (0: all 1280)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def output_dim(self) -> int:
+        """Width of the vectors the model outputs (and a collection stores)."""
+        if self.embed_dim == 0:
+            return POOLED_DIM
+        return self.embed_dim + ((self.pooled_dims or POOLED_DIM) if self.pooled_weight > 0 else 0)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -318,9 +332,11 @@ class SketchPhotoEncoder(nn.Module):
         self.trunk = EfficientNetLite(cfg.arch, cfg.image_size, cfg.sketch_norm, cfg.sketch_norm_blocks)
         for block in self.trunk._blocks:
             block.drop_path = cfg.drop_path  # type: ignore[assignment]
+        # fine-tuning the shared trunk costs unseen photos their ImageNet category structure (docs/BENCHMARKS.md)
+        self.photo_trunk = EfficientNetLite(cfg.arch, cfg.image_size) if cfg.frozen_photo_trunk else None
         if cfg.embed_dim == 0:  # raw ImageNet features: the final pooled vector only
             cfg.mid_blocks = ()
-        feat_dim = 1280 + sum(self.trunk.block_channels[i] * cfg.mid_pool**2 for i in cfg.mid_blocks)
+        feat_dim = POOLED_DIM + sum(self.trunk.block_channels[i] * cfg.mid_pool**2 for i in cfg.mid_blocks)
         self.feat_dim = feat_dim
         self.photo_head = EmbeddingHead(feat_dim, cfg)
         self.sketch_head = self.photo_head if cfg.shared_head else EmbeddingHead(feat_dim, cfg)
@@ -329,6 +345,10 @@ class SketchPhotoEncoder(nn.Module):
         if cfg.whiten:
             self.register_buffer("whiten_mean", torch.zeros(cfg.embed_dim))
             self.register_buffer("whiten_matrix", torch.eye(cfg.embed_dim))
+        if cfg.pooled_weight > 0:
+            self.register_buffer("pooled_mean", torch.zeros(2, POOLED_DIM))  # photo, sketch
+            if cfg.pooled_dims:
+                self.register_buffer("pooled_basis", torch.eye(POOLED_DIM)[:, : cfg.pooled_dims].clone())
 
     def set_whitening(self, mean: torch.Tensor, matrix: torch.Tensor) -> None:
         """Install fitted whitening statistics (see encoder/whitening.py); embed() applies them from now on."""
@@ -340,6 +360,35 @@ class SketchPhotoEncoder(nn.Module):
         self.register_buffer("whiten_mean", mean.detach().float().to(device))
         self.register_buffer("whiten_matrix", matrix.detach().float().to(device))
 
+    def set_pooled_join(
+        self, photo_mean: torch.Tensor, sketch_mean: torch.Tensor, basis: torch.Tensor | None, weight: float
+    ) -> None:
+        """Join the centred pooled trunk vector to the embedding from now on (see encoder/whitening.py)."""
+        if weight <= 0:
+            raise ValueError("the pooled vector's weight must be above 0")
+        if tuple(photo_mean.shape) != (POOLED_DIM,) or tuple(sketch_mean.shape) != (POOLED_DIM,):
+            raise ValueError(f"pooled means must have {POOLED_DIM} values")
+        if basis is not None and (basis.ndim != 2 or basis.shape[0] != POOLED_DIM):
+            raise ValueError(f"a pooled basis must be {POOLED_DIM} x d, not {tuple(basis.shape)}")
+        self.cfg.pooled_weight = float(weight)
+        self.cfg.pooled_dims = 0 if basis is None else int(basis.shape[1])
+        device = self.classifier.device
+        self.register_buffer("pooled_mean", torch.stack([photo_mean, sketch_mean]).detach().float().to(device))
+        if basis is not None:
+            self.register_buffer("pooled_basis", basis.detach().float().to(device))
+
+    def join_pooled(self, z: torch.Tensor, pooled: torch.Tensor, domain: str) -> torch.Tensor:
+        """[z, sqrt(w) * the centred pooled vector normalised], normalised: cosines (cos_z + w cos_pooled) / (1 + w)."""
+        if self.cfg.pooled_weight <= 0:
+            return z
+        means: torch.Tensor = self.pooled_mean  # type: ignore[assignment]
+        p = pooled - means[0 if domain == "photo" else 1]
+        if self.cfg.pooled_dims:
+            basis: torch.Tensor = self.pooled_basis  # type: ignore[assignment]
+            p = p @ basis
+        joined = torch.cat([z, math.sqrt(self.cfg.pooled_weight) * F.normalize(p, dim=-1)], dim=1)
+        return F.normalize(joined, dim=-1)
+
     def finish(self, z: torch.Tensor) -> torch.Tensor:
         """The head's normalised output -> the embedding: whitened and renormalised when the model has whitening."""
         if not self.cfg.whiten:
@@ -348,24 +397,31 @@ class SketchPhotoEncoder(nn.Module):
         matrix: torch.Tensor = self.whiten_matrix  # type: ignore[assignment]
         return F.normalize((z - mean) @ matrix, dim=-1)
 
-    def features_from(self, x: torch.Tensor, start: int, early_pooled: list[torch.Tensor]) -> torch.Tensor:
+    def trunk_for(self, domain: str) -> EfficientNetLite:
+        return self.photo_trunk if domain == "photo" and self.photo_trunk is not None else self.trunk
+
+    def features_from(
+        self, x: torch.Tensor, start: int, early_pooled: list[torch.Tensor], domain: str = "sketch"
+    ) -> torch.Tensor:
         """Pooled features from blocks[start:] on input x (the output of block start-1); `early_pooled` holds
         the already pooled taps of the blocks before `start`."""
+        trunk = self.trunk_for(domain)
         taps = tuple(i for i in self.cfg.mid_blocks if i >= start)
-        final, tapped = self.trunk.forward_blocks(x, start, taps)
-        sides = [self.trunk.block_sizes[i] for i in taps]
+        final, tapped = trunk.forward_blocks(x, start, taps)
+        sides = [trunk.block_sizes[i] for i in taps]
         pooled = early_pooled + [
             pool_grid(t, side, self.cfg.mid_pool) for t, side in zip(tapped, sides, strict=True)
         ]
         return torch.cat([final.mean(dim=(2, 3))] + pooled, dim=1)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features_from(self.trunk.stem(x), 0, [])
+    def features(self, x: torch.Tensor, domain: str = "sketch") -> torch.Tensor:
+        return self.features_from(self.trunk_for(domain).stem(x), 0, [], domain)
 
     def embed(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         self.trunk.set_domain(domain)
         head = self.sketch_head if domain == "sketch" else self.photo_head
-        return self.finish(head(self.features(x)))
+        feats = self.features(x, domain)
+        return self.join_pooled(self.finish(head(feats)), feats[:, :POOLED_DIM], domain)
 
     def head_for(self, domain: str) -> EmbeddingHead:
         return self.sketch_head if domain == "sketch" else self.photo_head

@@ -24,11 +24,12 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from encoder.checkpoint import Checkpoint, inference_state, save_checkpoint
-from encoder.data import load_dataset
+from encoder.data import SketchyDataset, load_dataset
 from encoder.errors import DatasetError, SketchSearchError
 from encoder.metrics import retrieval_metrics
 from encoder.model import (
     LITE_SCALING,
+    POOLED_DIM,
     DomainBatchNorm,
     ModelConfig,
     SketchPhotoEncoder,
@@ -47,7 +48,7 @@ from encoder.preprocess import (
     load_sketch,
     resize_photo,
 )
-from encoder.whitening import fit_whitening
+from encoder.whitening import fit_pooled_join, fit_whitening
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +91,13 @@ class TrainConfig:
     # rather than each by its own coin flip, which paired mirrored sketches with unmirrored photos: held-out acc@1
     # +0.03 and acc@10 +0.02 for two Lite1 seeds, mAP -0.01 (docs/BENCHMARKS.md, ninth session)
     mirror_pairs: bool = True
+    # photos keep the ImageNet trunk (a second, frozen copy) and only sketches run through the fine-tuned one
+    frozen_photo_trunk: bool = False
+    # the trunk's final pooled vector, centred per domain on the training images, joined to the embedding after
+    # training at this weight (0: off; see encoder/whitening.py), projected onto its top principal directions
+    # first (0: all 1280): held-out acc@10 +0.03 and mAP +0.05, shoe acc@1 -0.03 to -0.06 (docs/BENCHMARKS.md)
+    pooled_weight: float = 0.5
+    pooled_dims: int = 256
     # whitening fitted on the training embeddings after training (0: off, 0.5: full): at 0.25, shoe acc@1 +0.11 and
     # held-out categories unchanged within a seed's spread (docs/BENCHMARKS.md, sixth session)
     whiten_power: float = 0.25
@@ -217,14 +225,19 @@ class Stages:
         tap = torch.cat(taps, 1) if taps else torch.zeros(x.shape[0], 0)
         return h, tap
 
+    def back_features(self, h: torch.Tensor, tap: torch.Tensor, domain: str) -> torch.Tensor:
+        """The head's input: pooled features, the final pooled vector first."""
+        m = self.model
+        assert isinstance(m, SketchPhotoEncoder)
+        early = [tap] if tap.shape[1] else []
+        m.trunk.set_domain(domain)
+        return m.features_from(h, self.start, early, domain)
+
     def back(self, h: torch.Tensor, tap: torch.Tensor, domain: str) -> torch.Tensor:
         m = self.model
         if not isinstance(m, SketchPhotoEncoder):
             return m.embed(h, domain)  # type: ignore[operator]
-        early = [tap] if tap.shape[1] else []
-        m.trunk.set_domain(domain)
-        feats = m.features_from(h, self.start, early)
-        return m.head_for(domain)(feats)
+        return m.head_for(domain)(self.back_features(h, tap, domain))
 
     def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(trunk parameters, head parameters) that the optimiser updates."""
@@ -249,6 +262,8 @@ class Stages:
             self.model.trunk._bn0.eval()
             for block in self.model.trunk._blocks[: self.start]:
                 block.eval()
+            if self.model.photo_trunk is not None:
+                self.model.photo_trunk.eval()  # frozen: its BatchNorm statistics stay ImageNet's
 
 
 @dataclass
@@ -444,16 +459,22 @@ def relation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: flo
 
 @torch.no_grad()
 def embed_cache(
-    stages: Stages, cache: Cache, domain: str, device: torch.device, batch: int = 128
+    stages: Stages, cache: Cache, domain: str, device: torch.device, batch: int = 128, pooled: bool = False
 ) -> np.ndarray:
+    """The model's output for view 0 of every cached image (with `pooled`: the trunk's final pooled vector)."""
     out = []
     n = cache.maps.shape[0]
+    m = stages.model
     for lo in range(0, n, batch):
         idx = list(range(lo, min(n, lo + batch)))
         h, t = cache.take(idx, [0] * len(idx), device)
-        z = stages.back(h, t, domain)
-        if isinstance(stages.model, SketchPhotoEncoder):
-            z = stages.model.finish(z)  # whitening, once it is fitted
+        if isinstance(m, SketchPhotoEncoder):
+            feats = stages.back_features(h, t, domain)
+            z = feats[:, :POOLED_DIM] if pooled else m.finish(m.head_for(domain)(feats))  # whitened once fitted
+            if not pooled:
+                z = m.join_pooled(z, feats[:, :POOLED_DIM], domain)  # joined once fitted
+        else:
+            z = stages.back(h, t, domain)
         out.append(z.float().cpu().numpy())
     return np.concatenate(out)
 
@@ -533,6 +554,7 @@ def train(
             sketch_norm=cfg.sketch_norm,
             sketch_norm_blocks=first_trained if cfg.sketch_norm_front else 0,
             mid_blocks=default_mid_blocks(cfg.model),
+            frozen_photo_trunk=cfg.frozen_photo_trunk,
         )
         prep = Preprocessing(image_size=size)
     else:
@@ -540,6 +562,8 @@ def train(
     model = build_model(mcfg)
     if isinstance(model, SketchPhotoEncoder):
         load_imagenet_weights(model.trunk, mcfg.arch)
+        if model.photo_trunk is not None:
+            load_imagenet_weights(model.photo_trunk, mcfg.arch)
     model.to(device)
     stages = Stages(model, first_trained)
 
@@ -752,7 +776,7 @@ def train(
     ce_on = cfg.ce_weight > 0 and isinstance(model, SketchPhotoEncoder)
     nce_on = cfg.nce_weight > 0 and isinstance(model, SketchPhotoEncoder)
     # trainable blocks with sketch statistics need batches of one domain at a time
-    per_domain_back = mcfg.sketch_norm and not cfg.sketch_norm_front
+    per_domain_back = (mcfg.sketch_norm and not cfg.sketch_norm_front) or mcfg.frozen_photo_trunk
     for epoch in range(1, cfg.epochs + 1):
         stages.set_train(True)
         batches = make_batches()
@@ -829,6 +853,21 @@ def train(
         model.set_whitening(torch.from_numpy(mean), torch.from_numpy(matrix))
         raw_val, final_val = final_val, validate()
         logger.info("whitened (power %.2f): val %s", cfg.whiten_power, _summary(final_val))
+    unjoined_val: dict[str, Any] = {}
+    if cfg.pooled_weight > 0 and isinstance(model, SketchPhotoEncoder):
+        stages.set_train(False)
+        real_rows = [sk_row[i] for i in used_sketches if i < n_real]
+        sk_pool = embed_cache(stages, sk_cache, "sketch", device, pooled=True)
+        ph_pool = embed_cache(stages, ph_cache, "photo", device, pooled=True)
+        photo_mean, sketch_mean, basis = fit_pooled_join(
+            sk_pool[real_rows] if real_rows else sk_pool, ph_pool, cfg.pooled_dims
+        )
+        model.set_pooled_join(
+            torch.from_numpy(photo_mean), torch.from_numpy(sketch_mean),
+            None if basis is None else torch.from_numpy(basis), cfg.pooled_weight,
+        )
+        unjoined_val, final_val = final_val, validate()
+        logger.info("pooled vector joined (weight %.2f): val %s", cfg.pooled_weight, _summary(final_val))
     model.to("cpu").eval()
     threshold = cfg.threshold
     for r in final_val.values():
@@ -843,6 +882,7 @@ def train(
         metrics={
             "validation": final_val,
             **({"validation_unwhitened": raw_val} if raw_val else {}),
+            **({"validation_unjoined": unjoined_val} if unjoined_val else {}),
             "best_epoch": best_epoch,
             "initial_probe_loss": initial_loss,
             "history": [
@@ -879,6 +919,35 @@ def _summary(results: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _validation_sets(
+    sets: list[SketchyDataset], exclude: set[str], val_dirs: list[Path] | None, threshold: float | None
+) -> list[SketchyDataset]:
+    """The held-out categories of the data, then the extra folders; one of them must calibrate the threshold."""
+    val_sets = [s.subset(categories=exclude) for s in sets if exclude] + [load_dataset(p) for p in val_dirs or []]
+    val_sets = [v for v in val_sets if v.photos]
+    if threshold is None and not val_sets:
+        # whitening and the join change the scores' scale, so the old model's threshold would be wrong
+        raise SketchSearchError(
+            "no threshold for the new model: give held-out categories or validation data to calibrate one "
+            "(--holdout, --val), or a threshold (--threshold)"
+        )
+    return val_sets
+
+
+def _validate_checkpoint(ckpt: Checkpoint, val_sets: list[SketchyDataset]) -> dict[str, Any]:
+    """Validated like train(): the held-out categories of the data first, then the extra folders."""
+    from encoder.embedder import Embedder
+    from encoder.evaluate import embed_gallery
+
+    embedder = Embedder(ckpt)
+    return {
+        str(v.root.name): retrieval_metrics(
+            embedder.embed_sketches([s.path for s in v.sketches]), embed_gallery(embedder, v), v
+        )
+        for v in val_sets
+    }
+
+
 def whiten_checkpoint(
     ckpt: Checkpoint,
     data_dirs: list[Path],
@@ -898,24 +967,18 @@ def whiten_checkpoint(
     from dataclasses import replace
 
     from encoder.embedder import Embedder
-    from encoder.evaluate import embed_gallery
 
     if ckpt.config.arch not in LITE_SCALING or ckpt.config.embed_dim == 0:
         raise SketchSearchError(f"{ckpt.model_id}: only trained EfficientNet-Lite models can be whitened")
+    if ckpt.config.pooled_weight > 0:
+        raise SketchSearchError(f"{ckpt.model_id} joins the pooled vector: whiten the model before the join")
     if ckpt.config.whiten:
         raise SketchSearchError(f"{ckpt.model_id} is already whitened: start from the checkpoint before it")
     if power <= 0:
         raise SketchSearchError("the whitening power must be above 0 (0.5: full whitening)")
     exclude = set(holdout or [])
     sets = [load_dataset(root) for root in _discover_sets(data_dirs)]
-    val_sets = [s.subset(categories=exclude) for s in sets if exclude] + [load_dataset(p) for p in val_dirs or []]
-    val_sets = [v for v in val_sets if v.photos]
-    if threshold is None and not val_sets:
-        # whitening spreads the scores, so the unwhitened model's threshold would be on the wrong scale
-        raise SketchSearchError(
-            "no threshold for the whitened model: give held-out categories or validation data to calibrate one "
-            "(--holdout, --val), or a threshold (--threshold)"
-        )
+    val_sets = _validation_sets(sets, exclude, val_dirs, threshold)
     embedder = Embedder(ckpt)
     sketches, photos = [], []
     for data in (s.subset(exclude=exclude) for s in sets):
@@ -936,13 +999,7 @@ def whiten_checkpoint(
         state_dict=inference_state(model),
         train_config={**ckpt.train_config, "whiten_power": power, "whiten_shrink": shrink},
     )
-    # validated like train(): the held-out categories of the data first, then the extra folders
-    validation: dict[str, Any] = {}
-    out_embedder = Embedder(whitened)
-    for v in val_sets:
-        validation[str(v.root.name)] = retrieval_metrics(
-            out_embedder.embed_sketches([s.path for s in v.sketches]), embed_gallery(out_embedder, v), v
-        )
+    validation = _validate_checkpoint(whitened, val_sets)
     if threshold is None:
         threshold = next(iter(validation.values()))["threshold"]["value"]
     return replace(
@@ -956,6 +1013,95 @@ def whiten_checkpoint(
             "whitening": {
                 "power": power,
                 "shrink": shrink,
+                "fitted_on": [str(p) for p in data_dirs],
+                "holdout": sorted(exclude),
+                "sketches": int(sum(len(s) for s in sketches)),
+                "photos": int(sum(len(p) for p in photos)),
+            },
+        },
+    )
+
+
+@torch.no_grad()
+def pooled_vectors(
+    model: SketchPhotoEncoder, prep: Preprocessing, paths: list[Path], domain: str, batch: int = 32
+) -> np.ndarray:
+    """The trunk's final pooled vector of each readable image (an unreadable one is left out, with a warning)."""
+    load = photo_input if domain == "photo" else sketch_input
+    arrays, failed = [], 0
+    for path in paths:
+        try:
+            arrays.append(load(path, prep, None))
+        except SketchSearchError as exc:
+            failed += 1
+            logger.warning("%s left out of the fit: %s", path, exc)
+    if failed:
+        logger.warning("%d of %d %ss could not be read", failed, len(paths), domain)
+    model.eval()
+    out = [np.zeros((0, POOLED_DIM), dtype=np.float32)]
+    for lo in range(0, len(arrays), batch):
+        x = torch.from_numpy(np.stack(arrays[lo : lo + batch]))
+        model.trunk.set_domain(domain)
+        out.append(model.features(x, domain)[:, :POOLED_DIM].float().numpy())
+    return np.concatenate(out)
+
+
+def join_pooled_checkpoint(
+    ckpt: Checkpoint,
+    data_dirs: list[Path],
+    weight: float,
+    dims: int = 0,
+    holdout: list[str] | None = None,
+    val_dirs: list[Path] | None = None,
+    threshold: float | None = None,
+) -> Checkpoint:
+    """Join the trunk's centred pooled vector to an already trained checkpoint's embedding, as `train` does with
+    --pooled-weight: the means (and basis) are fitted on the training data like the whitening (human sketches
+    with their photo, every photo), then the held-out categories and `val_dirs` are evaluated and the first
+    calibrates the threshold unless one is given. Returns a new checkpoint (a new id, wider vectors)."""
+    from dataclasses import replace
+
+    if ckpt.config.arch not in LITE_SCALING or ckpt.config.embed_dim == 0:
+        raise SketchSearchError(f"{ckpt.model_id}: only trained EfficientNet-Lite models can join the pooled vector")
+    if ckpt.config.pooled_weight > 0:
+        raise SketchSearchError(f"{ckpt.model_id} already joins the pooled vector: start from the model before it")
+    if weight <= 0:
+        raise SketchSearchError("the pooled vector's weight must be above 0")
+    exclude = set(holdout or [])
+    sets = [load_dataset(root) for root in _discover_sets(data_dirs)]
+    val_sets = _validation_sets(sets, exclude, val_dirs, threshold)
+    model = ckpt.build()
+    assert isinstance(model, SketchPhotoEncoder)
+    sketches, photos = [], []
+    for data in (s.subset(exclude=exclude) for s in sets):
+        paired = sorted({s for s, _ in data.instance_pairs()})
+        sketches.append(pooled_vectors(model, ckpt.preprocessing, [data.sketches[i].path for i in paired], "sketch"))
+        photos.append(pooled_vectors(model, ckpt.preprocessing, [p.path for p in data.photos], "photo"))
+    try:
+        photo_mean, sketch_mean, basis = fit_pooled_join(np.concatenate(sketches), np.concatenate(photos), dims)
+    except ValueError as exc:
+        raise SketchSearchError(f"cannot fit the pooled join: {exc}") from exc
+    model.set_pooled_join(
+        torch.from_numpy(photo_mean), torch.from_numpy(sketch_mean),
+        None if basis is None else torch.from_numpy(basis), weight,
+    )
+    joined = replace(
+        ckpt,
+        config=model.cfg,
+        state_dict=inference_state(model),
+        train_config={**ckpt.train_config, "pooled_weight": weight, "pooled_dims": dims},
+    )
+    validation = _validate_checkpoint(joined, val_sets)
+    return replace(
+        joined,
+        threshold=threshold if threshold is not None else next(iter(validation.values()))["threshold"]["value"],
+        metrics={
+            **{k: v for k, v in ckpt.metrics.items() if k != "validation"},
+            "validation_unjoined": ckpt.metrics.get("validation", {}),
+            **({"validation": validation} if validation else {}),
+            "pooled_join": {
+                "weight": weight,
+                "dims": dims,
                 "fitted_on": [str(p) for p in data_dirs],
                 "holdout": sorted(exclude),
                 "sketches": int(sum(len(s) for s in sketches)),

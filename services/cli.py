@@ -15,6 +15,7 @@ import typer
 from encoder.errors import SketchSearchError
 
 if TYPE_CHECKING:
+    from encoder.checkpoint import Checkpoint
     from services.config import Settings
     from services.gallery import Gallery
     from services.ingest import IngestSummary
@@ -107,6 +108,17 @@ def train_command(
         bool,
         typer.Option(help="Mirror a sketch and its photo together in training (--no-mirror-pairs: a coin flip each)."),
     ] = True,
+    pooled_weight: Annotated[
+        float,
+        typer.Option(help="Weight of the trunk's centred pooled vector, joined to the embedding after training."),
+    ] = 0.5,
+    pooled_dims: Annotated[
+        int, typer.Option(help="With --pooled-weight: project that vector onto its top principal directions (0: all).")
+    ] = 256,
+    frozen_photo_trunk: Annotated[
+        bool,
+        typer.Option(help="Photos keep the ImageNet trunk (a frozen second copy); only the sketches' is fine-tuned."),
+    ] = False,
     whiten_power: Annotated[
         float, typer.Option(help="Whitening fitted on the training embeddings after training (0: off, 0.5: full).")
     ] = 0.25,
@@ -127,6 +139,7 @@ def train_command(
         nce_weight=nce_weight, image_size=image_size, train_from_block=train_from_block,
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
         kd_weight=kd_weight, rkd_weight=rkd_weight, cache_views=cache_views, mirror_pairs=mirror_pairs,
+        frozen_photo_trunk=frozen_photo_trunk, pooled_weight=pooled_weight, pooled_dims=pooled_dims,
         whiten_power=whiten_power, whiten_shrink=whiten_shrink,
     )
     if out.suffix != ".pt":
@@ -173,13 +186,49 @@ def whiten_command(
     except SketchSearchError as exc:
         _fail(exc)
         return
-    typer.echo(f"saved {out} ({ckpt.model_id}), threshold {ckpt.threshold}")
+    _echo_saved(out, ckpt)
+
+
+def _echo_saved(out: Path, ckpt: Checkpoint) -> None:
+    typer.echo(f"saved {out} ({ckpt.model_id}, {ckpt.dim} dimensions), threshold {ckpt.threshold}")
     for set_name, res in (ckpt.metrics.get("validation") or {}).items():
         inst, cat = res["instance"], res["category"] or {}
         typer.echo(
             f"validation {set_name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}"
             + (f" mAP@all {cat['mAP@all']:.3f}" if cat else "")
         )
+
+
+@app.command("join-pooled")
+def join_pooled_command(
+    data_dirs: Annotated[list[Path], typer.Argument(help="The model's training data: Sketchy-layout folder(s).")],
+    model: Annotated[str, typer.Option(help="default, a shipped name, or a checkpoint path.")] = "default",
+    out: Annotated[Path, typer.Option(help="Where to write the new checkpoint (.pt).")] = Path("joined.pt"),
+    weight: Annotated[float, typer.Option(help="Weight of the pooled vector against the embedding's 1.")] = 0.5,
+    dims: Annotated[
+        int, typer.Option(help="Project the pooled vector onto its top principal directions (0: all).")
+    ] = 256,
+    holdout: Annotated[str, typer.Option(help="Comma-separated categories the model was not trained on.")] = "",
+    val: Annotated[list[Path] | None, typer.Option(help="Sketchy-layout folder(s) to validate on.")] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Score threshold to store (default: calibrated on the first --val set).")
+    ] = None,
+    half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
+) -> None:
+    """Join the trunk's centred pooled vector to a trained model's embedding and write it as a new model."""
+    from encoder.checkpoint import load_checkpoint, save_checkpoint
+    from encoder.train import join_pooled_checkpoint
+
+    try:
+        ckpt = join_pooled_checkpoint(
+            load_checkpoint(model), list(data_dirs), weight, dims,
+            holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
+        )
+        save_checkpoint(ckpt, out, half=half)
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    _echo_saved(out, ckpt)
 
 
 @app.command("eval")

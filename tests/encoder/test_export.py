@@ -18,12 +18,14 @@ def test_the_default_is_shipped_and_trained_with_the_training_defaults() -> None
 
     assert resolve_model_path("default").stem in SHIPPED
     ckpt = load_checkpoint("default")
-    # `sketchsearch train` with no flags must retrain what ships (the trunk, its size, the mirroring, the whitening)
+    # `sketchsearch train` with no flags must retrain what ships (trunk, size, mirroring, whitening, the join)
     defaults = TrainConfig()
     assert ckpt.config.arch == defaults.model and ckpt.config.embed_dim == defaults.embed_dim
     assert ckpt.train_config.get("mirror_pairs") == defaults.mirror_pairs
     assert ckpt.train_config.get("whiten_power") == defaults.whiten_power
     assert ckpt.train_config.get("epochs") == defaults.epochs
+    assert ckpt.config.pooled_weight == defaults.pooled_weight
+    assert ckpt.config.pooled_dims == defaults.pooled_dims
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -117,6 +117,8 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
         kd_weight=1.0,
         rkd_weight=1.0,
         whiten_power=0.25,
+        pooled_weight=0.5,
+        pooled_dims=8,
     )
     out = tmp_path / "lite.pt"
     ckpt = train([data], cfg, out, progress=False)
@@ -124,15 +126,18 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
     assert "data" in ckpt.metrics["validation"]  # validated on the held-out category
     # whitened after training, and validated again: the whitening changes the scores
     assert ckpt.config.whiten
-    before, after = ckpt.metrics["validation_unwhitened"]["data"], ckpt.metrics["validation"]["data"]
+    before, after = ckpt.metrics["validation_unwhitened"]["data"], ckpt.metrics["validation_unjoined"]["data"]
     assert before["threshold"]["value"] != after["threshold"]["value"]
     assert ckpt.threshold is not None
+    # then the pooled vector joined, validated once more: 8 principal directions beside the 512-d embedding
+    assert ckpt.config.pooled_weight == 0.5 and ckpt.dim == 520
+    assert ckpt.metrics["validation"]["data"]["threshold"]["value"] != after["threshold"]["value"]
 
     # the checkpoint loads with weights_only=True and rebuilds the same model, the same id, the same outputs
     raw = torch.load(out, map_location="cpu", weights_only=True)
     assert raw["config"]["arch"] == "lite0" and raw["preprocessing"]["image_size"] == 192
     loaded = load_checkpoint(out)
-    assert loaded.model_id == ckpt.model_id and loaded.config.whiten
+    assert loaded.model_id == ckpt.model_id and loaded.config.whiten and loaded.dim == 520
     assert loaded.categories == ["apple", "cat"]
     sketch = sorted((data / "sketch" / "chair").glob("*.png"))[0]
     a = load_embedder(out, backend="torch").embed_sketches([sketch])
@@ -191,3 +196,30 @@ def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None
 def test_training_needs_the_sketchy_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="Sketchy layout"):
         train([tmp_path], TrainConfig(model="seed", epochs=1), tmp_path / "x.pt", progress=False)
+
+
+@pytest.mark.slow
+def test_frozen_photo_trunk_keeps_imagenet_weights_and_exports(sketchy: Path, tmp_path: Path) -> None:
+    """--frozen-photo-trunk: the photos' trunk leaves training with its ImageNet weights, the sketches' does not,
+    and the photo branch still exports to ONNX within tolerance."""
+    data = small_set(sketchy, tmp_path)
+    cfg = TrainConfig(
+        model="lite0", epochs=2, batch_size=12, lr=1e-3, trunk_lr=3e-4, cache_views=1, seed=3,
+        train_from_block=14, frozen_photo_trunk=True, whiten_power=0.0,
+    )
+    out = tmp_path / "frozen.pt"
+    ckpt = train([data], cfg, out, progress=False)
+    assert ckpt.metrics["history"][-1]["probe_loss"] < ckpt.metrics["initial_probe_loss"]
+    imagenet = SketchPhotoEncoder(ModelConfig(image_size=192))
+    load_imagenet_weights(imagenet.trunk, "lite0")
+    reference = imagenet.trunk.state_dict()
+    trained = load_checkpoint(out).build()
+    assert isinstance(trained, SketchPhotoEncoder) and trained.photo_trunk is not None
+    for key, value in trained.photo_trunk.state_dict().items():
+        assert torch.allclose(value.float(), reference[key].float()), key
+    tuned = trained.trunk.state_dict()
+    assert not torch.allclose(tuned["_conv_head.weight"], reference["_conv_head.weight"])
+    photo = sorted((data / "photo" / "apple").glob("*.jpg"))[:2]
+    a = load_embedder(out, backend="torch").embed_photo_files(photo).vectors
+    b = load_embedder(out, backend="onnx", cache_dir=tmp_path / "onnx").embed_photo_files(photo).vectors
+    assert np.abs(a - b).max() < 1e-4

@@ -1,4 +1,4 @@
-"""Whitening: fitted on constructed embeddings with a known answer; installed in a model, exported and reloaded."""
+"""Whitening and the pooled join: fitted on constructed vectors with known answers; in a model, exported, reloaded."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from encoder.checkpoint import Checkpoint, inference_state, load_checkpoint, sav
 from encoder.export import export_onnx, max_onnx_torch_difference
 from encoder.model import ModelConfig, SketchPhotoEncoder
 from encoder.preprocess import Preprocessing
-from encoder.whitening import fit_whitening
+from encoder.whitening import fit_pooled_join, fit_whitening
 
 
 def anisotropic(n: int, scales: np.ndarray, seed: int, shift: float = 0.0) -> np.ndarray:
@@ -101,3 +101,54 @@ def test_a_whitened_model_embeds_through_its_whitening_and_reloads(tmp_path: Pat
     with torch.no_grad():
         torch.testing.assert_close(plain.build().embed(x, "photo"), raw)  # type: ignore[operator]
     assert plain.without_whitening() is plain
+
+
+def test_the_pooled_join_centres_each_domain_and_keeps_the_top_directions() -> None:
+    scales = np.array([5.0, 3.0, 1.0, 0.1, 0.1, 0.1])
+    photos = anisotropic(4000, scales, seed=6, shift=-1.0)
+    sketches = photos[::-1] + 3.0  # the same spread around another mean
+    photo_mean, sketch_mean, basis = fit_pooled_join(sketches, photos, dims=3)
+    np.testing.assert_allclose(photo_mean, photos.mean(0), atol=1e-5)
+    np.testing.assert_allclose(sketch_mean, sketches.mean(0), atol=1e-5)
+    assert basis is not None and basis.shape == (6, 3)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(3), atol=1e-5)
+    # the three kept directions hold (nearly) all the variance of the centred data
+    centred = photos - photo_mean
+    assert ((centred @ basis) ** 2).sum() / (centred**2).sum() > 0.99
+    assert fit_pooled_join(sketches, photos)[2] is None
+    with pytest.raises(ValueError, match="at least two"):
+        fit_pooled_join(sketches[:1], photos)
+    with pytest.raises(ValueError, match="dims"):
+        fit_pooled_join(sketches, photos, dims=7)
+
+
+def test_a_joined_model_outputs_the_weighted_join_and_exports(tmp_path: Path) -> None:
+    model = small_model()
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        z = {d: model.embed(x, d) for d in ("photo", "sketch")}
+        pooled = {d: model.features(x, d)[:, :1280] for d in ("photo", "sketch")}
+    rng = np.random.default_rng(8)
+    means = [torch.from_numpy(rng.normal(size=1280).astype(np.float32)) for _ in range(2)]
+    basis, _ = torch.linalg.qr(torch.randn(1280, 24))
+    with pytest.raises(ValueError, match="1280"):
+        model.set_pooled_join(means[0][:10], means[1], basis, 0.5)
+    model.set_pooled_join(means[0], means[1], basis, 0.5)
+    assert model.cfg.output_dim == 32 + 24
+    with torch.no_grad():
+        joined = {d: model.embed(x, d) for d in ("photo", "sketch")}
+    assert joined["photo"].shape == (4, 56) and torch.allclose(joined["photo"].norm(dim=1), torch.ones(4))
+    # the cosine of two joined vectors is the weighted mean of the embedding's and the centred pooled vectors'
+    p = {d: F.normalize((pooled[d] - means[i]) @ basis, dim=1) for i, d in enumerate(("photo", "sketch"))}
+    expected = (z["sketch"] @ z["photo"].t() + 0.5 * p["sketch"] @ p["photo"].t()) / 1.5
+    torch.testing.assert_close(joined["sketch"] @ joined["photo"].t(), expected, atol=1e-5, rtol=1e-4)
+
+    ckpt = Checkpoint(
+        name="joined", config=model.cfg, preprocessing=Preprocessing(image_size=64),
+        state_dict=inference_state(model),
+    )
+    loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "j.pt"))
+    assert loaded.dim == 56 and loaded.config.pooled_weight == 0.5
+    for domain in ("photo", "sketch"):
+        path = export_onnx(loaded.build(), domain, 64, 3, tmp_path / f"{domain}.onnx")
+        assert max_onnx_torch_difference(loaded.build(), domain, path, x.numpy()) < 1e-4

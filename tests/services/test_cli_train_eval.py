@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from encoder.checkpoint import load_checkpoint
+from encoder.embedder import load_embedder
 from services.cli import app
 from tests.encoder.test_train import small_set
 
@@ -70,7 +72,9 @@ def test_a_gallery_photo_that_cannot_be_read_stops_eval_and_whiten_validation(sk
     assert result.exit_code == 2 and "could not be read" in result.output and victim.name in result.output
     from encoder.checkpoint import save_checkpoint
 
-    plain = save_checkpoint(load_checkpoint("default").without_whitening(), tmp_path / "plain.pt")
+    plain = save_checkpoint(
+        load_checkpoint("default").without_pooled_join().without_whitening(), tmp_path / "plain.pt"
+    )
     result = runner.invoke(
         app, ["whiten", str(data), "--model", str(plain), "--holdout", "chair", "--out", str(tmp_path / "w.pt")]
     )
@@ -106,8 +110,9 @@ def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_
     from encoder.checkpoint import save_checkpoint
 
     data = small_set(sketchy, tmp_path)
-    # the shipped weights without their whitening: a trained model as `train --whiten-power 0` leaves it
-    plain = load_checkpoint("default").without_whitening()
+    # the shipped weights without their join and whitening: a trained model as `train --whiten-power 0
+    # --pooled-weight 0` leaves it
+    plain = load_checkpoint("default").without_pooled_join().without_whitening()
     assert not plain.config.whiten and not any(k.startswith("whiten_") for k in plain.state_dict)
     source = save_checkpoint(plain, tmp_path / "plain.pt")
     out = tmp_path / "white.pt"
@@ -141,3 +146,39 @@ def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_
     assert result.exit_code == 0, result.output
     given = load_checkpoint(unscaled)
     assert given.threshold == 0.3 and "validation" not in given.metrics and "validation_unwhitened" in given.metrics
+
+
+def test_join_pooled_writes_a_wider_model_and_refuses_to_join_twice(sketchy: Path, tmp_path: Path) -> None:
+    from encoder.checkpoint import save_checkpoint
+
+    data = small_set(sketchy, tmp_path)
+    # the shipped model before its join; the join's own statistics and settings go with it
+    shipped = load_checkpoint("default")
+    base = shipped.without_pooled_join()
+    assert base.dim == shipped.config.embed_dim and not any(k.startswith("pooled_") for k in base.state_dict)
+    source = save_checkpoint(base, tmp_path / "base.pt")
+    out = tmp_path / "joined.pt"
+    runner = CliRunner()
+    result = runner.invoke(
+        app,
+        ["join-pooled", str(data), "--model", str(source), "--holdout", "chair", "--weight", "0.75", "--dims", "6",
+         "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    joined = load_checkpoint(out)
+    assert joined.dim == base.dim + 6 and f"{joined.dim} dimensions" in result.output
+    assert joined.model_id != base.model_id and joined.config.whiten  # joined after the shipped whitening
+    assert joined.train_config["pooled_weight"] == 0.75 and joined.metrics["pooled_join"]["holdout"] == ["chair"]
+    # fitted on the 8 paired sketches and 8 photos of the other two categories, validated on the held-out one
+    assert joined.metrics["pooled_join"]["sketches"] == 8 and joined.metrics["pooled_join"]["photos"] == 8
+    assert joined.threshold == joined.metrics["validation"]["data"]["threshold"]["value"]
+    embedder = load_embedder(out, backend="onnx", cache_dir=tmp_path / "onnx")
+    photos = sorted((data / "photo" / "chair").glob("*.jpg"))
+    vectors = embedder.embed_photo_files(photos).vectors
+    assert vectors.shape == (len(photos), joined.dim)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+    again = runner.invoke(app, ["join-pooled", str(data), "--model", str(out), "--out", str(tmp_path / "twice.pt")])
+    assert again.exit_code == 2 and "already joins" in again.output
+    white = runner.invoke(app, ["whiten", str(data), "--model", str(out), "--out", str(tmp_path / "w.pt")])
+    assert white.exit_code == 2 and "whiten the model before the join" in white.output
