@@ -332,7 +332,7 @@ class SketchPhotoEncoder(nn.Module):
         self.trunk = EfficientNetLite(cfg.arch, cfg.image_size, cfg.sketch_norm, cfg.sketch_norm_blocks)
         for block in self.trunk._blocks:
             block.drop_path = cfg.drop_path  # type: ignore[assignment]
-        # fine-tuning the shared trunk costs unseen photos their ImageNet category structure (docs/BENCHMARKS.md)
+        # photos through a copy kept at its ImageNet weights: no better than one shared trunk (docs/BENCHMARKS.md)
         self.photo_trunk = EfficientNetLite(cfg.arch, cfg.image_size) if cfg.frozen_photo_trunk else None
         if cfg.embed_dim == 0:  # raw ImageNet features: the final pooled vector only
             cfg.mid_blocks = ()
@@ -401,7 +401,7 @@ class SketchPhotoEncoder(nn.Module):
         return self.photo_trunk if domain == "photo" and self.photo_trunk is not None else self.trunk
 
     def features_from(
-        self, x: torch.Tensor, start: int, early_pooled: list[torch.Tensor], domain: str = "sketch"
+        self, x: torch.Tensor, start: int, early_pooled: list[torch.Tensor], domain: str
     ) -> torch.Tensor:
         """Pooled features from blocks[start:] on input x (the output of block start-1); `early_pooled` holds
         the already pooled taps of the blocks before `start`."""
@@ -414,7 +414,7 @@ class SketchPhotoEncoder(nn.Module):
         ]
         return torch.cat([final.mean(dim=(2, 3))] + pooled, dim=1)
 
-    def features(self, x: torch.Tensor, domain: str = "sketch") -> torch.Tensor:
+    def features(self, x: torch.Tensor, domain: str) -> torch.Tensor:
         return self.features_from(self.trunk_for(domain).stem(x), 0, [], domain)
 
     def embed(self, x: torch.Tensor, domain: str) -> torch.Tensor:

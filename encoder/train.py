@@ -91,7 +91,8 @@ class TrainConfig:
     # rather than each by its own coin flip, which paired mirrored sketches with unmirrored photos: held-out acc@1
     # +0.03 and acc@10 +0.02 for two Lite1 seeds, mAP -0.01 (docs/BENCHMARKS.md, ninth session)
     mirror_pairs: bool = True
-    # photos keep the ImageNet trunk (a second, frozen copy) and only sketches run through the fine-tuned one
+    # photos keep the ImageNet trunk (a second, frozen copy) and only sketches run through the fine-tuned one:
+    # about half the time per epoch, fewer exact matches and no more mAP after 8 epochs (docs/BENCHMARKS.md)
     frozen_photo_trunk: bool = False
     # the trunk's final pooled vector, centred per domain on the training images, joined to the embedding after
     # training at this weight (0: off; see encoder/whitening.py), projected onto its top principal directions
@@ -337,7 +338,7 @@ def estimate_sketch_norm(model: SketchPhotoEncoder, batches: list[torch.Tensor])
         for bn in norms:
             bn.train()
             bn.sketch_momentum = 1.0 / k  # a running mean with weights 1/k is the plain average
-        model.features(x)
+        model.features(x, "sketch")
     for bn in norms:
         bn.sketch_momentum = 0.01
     model.train(was_training)
@@ -470,9 +471,10 @@ def embed_cache(
         h, t = cache.take(idx, [0] * len(idx), device)
         if isinstance(m, SketchPhotoEncoder):
             feats = stages.back_features(h, t, domain)
-            z = feats[:, :POOLED_DIM] if pooled else m.finish(m.head_for(domain)(feats))  # whitened once fitted
-            if not pooled:
-                z = m.join_pooled(z, feats[:, :POOLED_DIM], domain)  # joined once fitted
+            if pooled:
+                z = feats[:, :POOLED_DIM]
+            else:  # whitened and joined once those are fitted
+                z = m.join_pooled(m.finish(m.head_for(domain)(feats)), feats[:, :POOLED_DIM], domain)
         else:
             z = stages.back(h, t, domain)
         out.append(z.float().cpu().numpy())
@@ -1028,21 +1030,22 @@ def pooled_vectors(
 ) -> np.ndarray:
     """The trunk's final pooled vector of each readable image (an unreadable one is left out, with a warning)."""
     load = photo_input if domain == "photo" else sketch_input
-    arrays, failed = [], 0
-    for path in paths:
-        try:
-            arrays.append(load(path, prep, None))
-        except SketchSearchError as exc:
-            failed += 1
-            logger.warning("%s left out of the fit: %s", path, exc)
+    model.eval()
+    model.trunk.set_domain(domain)
+    out = [np.zeros((0, POOLED_DIM), dtype=np.float32)]
+    failed = 0
+    for lo in range(0, len(paths), batch):
+        arrays = []
+        for path in paths[lo : lo + batch]:
+            try:
+                arrays.append(load(path, prep, None))
+            except SketchSearchError as exc:
+                failed += 1
+                logger.warning("%s left out of the fit: %s", path, exc)
+        if arrays:
+            out.append(model.features(torch.from_numpy(np.stack(arrays)), domain)[:, :POOLED_DIM].float().numpy())
     if failed:
         logger.warning("%d of %d %ss could not be read", failed, len(paths), domain)
-    model.eval()
-    out = [np.zeros((0, POOLED_DIM), dtype=np.float32)]
-    for lo in range(0, len(arrays), batch):
-        x = torch.from_numpy(np.stack(arrays[lo : lo + batch]))
-        model.trunk.set_domain(domain)
-        out.append(model.features(x, domain)[:, :POOLED_DIM].float().numpy())
     return np.concatenate(out)
 
 

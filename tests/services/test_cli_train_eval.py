@@ -157,6 +157,7 @@ def test_join_pooled_writes_a_wider_model_and_refuses_to_join_twice(sketchy: Pat
     base = shipped.without_pooled_join()
     assert base.dim == shipped.config.embed_dim and not any(k.startswith("pooled_") for k in base.state_dict)
     source = save_checkpoint(base, tmp_path / "base.pt")
+    (data / "photo" / "apple" / "zz-broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")  # left out of the fit
     out = tmp_path / "joined.pt"
     runner = CliRunner()
     result = runner.invoke(
@@ -169,7 +170,7 @@ def test_join_pooled_writes_a_wider_model_and_refuses_to_join_twice(sketchy: Pat
     assert joined.dim == base.dim + 6 and f"{joined.dim} dimensions" in result.output
     assert joined.model_id != base.model_id and joined.config.whiten  # joined after the shipped whitening
     assert joined.train_config["pooled_weight"] == 0.75 and joined.metrics["pooled_join"]["holdout"] == ["chair"]
-    # fitted on the 8 paired sketches and 8 photos of the other two categories, validated on the held-out one
+    # fitted on the 8 paired sketches and 8 readable photos of the other two categories, validated on the held-out one
     assert joined.metrics["pooled_join"]["sketches"] == 8 and joined.metrics["pooled_join"]["photos"] == 8
     assert joined.threshold == joined.metrics["validation"]["data"]["threshold"]["value"]
     embedder = load_embedder(out, backend="onnx", cache_dir=tmp_path / "onnx")
