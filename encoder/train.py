@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -966,8 +966,6 @@ def whiten_checkpoint(
     calibrates the threshold unless one is given. Returns a new checkpoint (a new model id); the input is left as
     it is.
     """
-    from dataclasses import replace
-
     from encoder.embedder import Embedder
 
     if ckpt.config.arch not in LITE_SCALING or ckpt.config.embed_dim == 0:
@@ -995,31 +993,48 @@ def whiten_checkpoint(
     model = ckpt.build()
     assert isinstance(model, SketchPhotoEncoder)
     model.set_whitening(torch.from_numpy(mean), torch.from_numpy(matrix))
-    whitened = replace(
-        ckpt,
-        config=model.cfg,
-        state_dict=inference_state(model),
-        train_config={**ckpt.train_config, "whiten_power": power, "whiten_shrink": shrink},
+    return _refitted(
+        ckpt, model, {"whiten_power": power, "whiten_shrink": shrink}, val_sets, threshold, "validation_unwhitened",
+        "whitening", {"power": power, "shrink": shrink, **_fit_record(data_dirs, exclude, sketches, photos)},
     )
-    validation = _validate_checkpoint(whitened, val_sets)
-    if threshold is None:
-        threshold = next(iter(validation.values()))["threshold"]["value"]
+
+
+def _fit_record(
+    data_dirs: list[Path], exclude: set[str], sketches: list[np.ndarray], photos: list[np.ndarray]
+) -> dict[str, Any]:
+    return {
+        "fitted_on": [str(p) for p in data_dirs],
+        "holdout": sorted(exclude),
+        "sketches": int(sum(len(s) for s in sketches)),
+        "photos": int(sum(len(p) for p in photos)),
+    }
+
+
+def _refitted(
+    ckpt: Checkpoint,
+    model: SketchPhotoEncoder,
+    settings: dict[str, Any],
+    val_sets: list[SketchyDataset],
+    threshold: float | None,
+    before_key: str,
+    record_key: str,
+    record: dict[str, Any],
+) -> Checkpoint:
+    """The checkpoint of `model` after a fit on the training data (whitening, the join): validated, its threshold
+    calibrated on the first validation set unless one is given. The old validation would read as this model's,
+    so it moves aside under `before_key`."""
+    refitted = replace(
+        ckpt, config=model.cfg, state_dict=inference_state(model), train_config={**ckpt.train_config, **settings}
+    )
+    validation = _validate_checkpoint(refitted, val_sets)
     return replace(
-        whitened,
-        threshold=threshold,
+        refitted,
+        threshold=threshold if threshold is not None else next(iter(validation.values()))["threshold"]["value"],
         metrics={
-            # the unwhitened validation would read as this model's: it moves aside, replaced when there is one
             **{k: v for k, v in ckpt.metrics.items() if k != "validation"},
-            "validation_unwhitened": ckpt.metrics.get("validation", {}),
+            before_key: ckpt.metrics.get("validation", {}),
             **({"validation": validation} if validation else {}),
-            "whitening": {
-                "power": power,
-                "shrink": shrink,
-                "fitted_on": [str(p) for p in data_dirs],
-                "holdout": sorted(exclude),
-                "sketches": int(sum(len(s) for s in sketches)),
-                "photos": int(sum(len(p) for p in photos)),
-            },
+            record_key: record,
         },
     )
 
@@ -1062,8 +1077,6 @@ def join_pooled_checkpoint(
     --pooled-weight: the means (and basis) are fitted on the training data like the whitening (human sketches
     with their photo, every photo), then the held-out categories and `val_dirs` are evaluated and the first
     calibrates the threshold unless one is given. Returns a new checkpoint (a new id, wider vectors)."""
-    from dataclasses import replace
-
     if ckpt.config.arch not in LITE_SCALING or ckpt.config.embed_dim == 0:
         raise SketchSearchError(f"{ckpt.model_id}: only trained EfficientNet-Lite models can join the pooled vector")
     if ckpt.config.pooled_weight > 0:
@@ -1088,27 +1101,7 @@ def join_pooled_checkpoint(
         torch.from_numpy(photo_mean), torch.from_numpy(sketch_mean),
         None if basis is None else torch.from_numpy(basis), weight,
     )
-    joined = replace(
-        ckpt,
-        config=model.cfg,
-        state_dict=inference_state(model),
-        train_config={**ckpt.train_config, "pooled_weight": weight, "pooled_dims": dims},
-    )
-    validation = _validate_checkpoint(joined, val_sets)
-    return replace(
-        joined,
-        threshold=threshold if threshold is not None else next(iter(validation.values()))["threshold"]["value"],
-        metrics={
-            **{k: v for k, v in ckpt.metrics.items() if k != "validation"},
-            "validation_unjoined": ckpt.metrics.get("validation", {}),
-            **({"validation": validation} if validation else {}),
-            "pooled_join": {
-                "weight": weight,
-                "dims": dims,
-                "fitted_on": [str(p) for p in data_dirs],
-                "holdout": sorted(exclude),
-                "sketches": int(sum(len(s) for s in sketches)),
-                "photos": int(sum(len(p) for p in photos)),
-            },
-        },
+    return _refitted(
+        ckpt, model, {"pooled_weight": weight, "pooled_dims": dims}, val_sets, threshold, "validation_unjoined",
+        "pooled_join", {"weight": weight, "dims": dims, **_fit_record(data_dirs, exclude, sketches, photos)},
     )

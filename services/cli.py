@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -159,37 +160,59 @@ def train_command(
         typer.echo(f"validation {set_name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}")
 
 
+# the options of the commands that refit a trained model on its training data (whiten, join-pooled)
+RefitData = Annotated[list[Path], typer.Argument(help="The model's training data: Sketchy-layout folder(s).")]
+RefitModel = Annotated[str, typer.Option(help="default, a shipped name, or a checkpoint path.")]
+RefitHoldout = Annotated[str, typer.Option(help="Comma-separated categories the model was not trained on.")]
+RefitVal = Annotated[list[Path] | None, typer.Option(help="Sketchy-layout folder(s) to validate on.")]
+RefitThreshold = Annotated[
+    float | None, typer.Option(help="Score threshold to store (default: calibrated on the first --val set).")
+]
+RefitHalf = Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")]
+
+
 @app.command("whiten")
 def whiten_command(
-    data_dirs: Annotated[list[Path], typer.Argument(help="The model's training data: Sketchy-layout folder(s).")],
-    model: Annotated[str, typer.Option(help="default, a shipped name, or a checkpoint path.")] = "default",
+    data_dirs: RefitData,
+    model: RefitModel = "default",
     out: Annotated[Path, typer.Option(help="Where to write the whitened checkpoint (.pt).")] = Path("whitened.pt"),
     power: Annotated[float, typer.Option(help="0.5: full whitening; smaller values whiten less.")] = 0.25,
     shrink: Annotated[float, typer.Option(help="Share of the mean eigenvalue added to each.")] = 0.1,
-    holdout: Annotated[str, typer.Option(help="Comma-separated categories the model was not trained on.")] = "",
-    val: Annotated[list[Path] | None, typer.Option(help="Sketchy-layout folder(s) to validate on.")] = None,
-    threshold: Annotated[
-        float | None, typer.Option(help="Score threshold to store (default: calibrated on the first --val set).")
-    ] = None,
-    half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
+    holdout: RefitHoldout = "",
+    val: RefitVal = None,
+    threshold: RefitThreshold = None,
+    half: RefitHalf = False,
 ) -> None:
     """Fit whitening for a trained model on its training data and write it as a new model (a new id)."""
-    from encoder.checkpoint import load_checkpoint, save_checkpoint
     from encoder.train import whiten_checkpoint
 
+    _save_refit(whiten_checkpoint, (power, shrink), model, data_dirs, holdout, val, threshold, out, half)
+
+
+def _save_refit(
+    fit: Callable[..., Checkpoint],
+    settings: tuple[float, ...],
+    model: str,
+    data_dirs: list[Path],
+    holdout: str,
+    val: list[Path] | None,
+    threshold: float | None,
+    out: Path,
+    half: bool,
+) -> None:
+    """Refit the model on its training data (`fit(model, data_dirs, *settings, ...)`), write it and print its id,
+    width, threshold and validation, or fail clearly."""
+    from encoder.checkpoint import load_checkpoint, save_checkpoint
+
     try:
-        ckpt = whiten_checkpoint(
-            load_checkpoint(model), list(data_dirs), power, shrink,
+        ckpt = fit(
+            load_checkpoint(model), list(data_dirs), *settings,
             holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
         )
         save_checkpoint(ckpt, out, half=half)
     except SketchSearchError as exc:
         _fail(exc)
         return
-    _echo_saved(out, ckpt)
-
-
-def _echo_saved(out: Path, ckpt: Checkpoint) -> None:
     typer.echo(f"saved {out} ({ckpt.model_id}, {ckpt.dim} dimensions), threshold {ckpt.threshold}")
     for set_name, res in (ckpt.metrics.get("validation") or {}).items():
         inst, cat = res["instance"], res["category"] or {}
@@ -201,34 +224,22 @@ def _echo_saved(out: Path, ckpt: Checkpoint) -> None:
 
 @app.command("join-pooled")
 def join_pooled_command(
-    data_dirs: Annotated[list[Path], typer.Argument(help="The model's training data: Sketchy-layout folder(s).")],
-    model: Annotated[str, typer.Option(help="default, a shipped name, or a checkpoint path.")] = "default",
+    data_dirs: RefitData,
+    model: RefitModel = "default",
     out: Annotated[Path, typer.Option(help="Where to write the new checkpoint (.pt).")] = Path("joined.pt"),
     weight: Annotated[float, typer.Option(help="Weight of the pooled vector against the embedding's 1.")] = 0.5,
     dims: Annotated[
         int, typer.Option(help="Project the pooled vector onto its top principal directions (0: all).")
     ] = 256,
-    holdout: Annotated[str, typer.Option(help="Comma-separated categories the model was not trained on.")] = "",
-    val: Annotated[list[Path] | None, typer.Option(help="Sketchy-layout folder(s) to validate on.")] = None,
-    threshold: Annotated[
-        float | None, typer.Option(help="Score threshold to store (default: calibrated on the first --val set).")
-    ] = None,
-    half: Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")] = False,
+    holdout: RefitHoldout = "",
+    val: RefitVal = None,
+    threshold: RefitThreshold = None,
+    half: RefitHalf = False,
 ) -> None:
     """Join the trunk's centred pooled vector to a trained model's embedding and write it as a new model."""
-    from encoder.checkpoint import load_checkpoint, save_checkpoint
     from encoder.train import join_pooled_checkpoint
 
-    try:
-        ckpt = join_pooled_checkpoint(
-            load_checkpoint(model), list(data_dirs), weight, dims,
-            holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
-        )
-        save_checkpoint(ckpt, out, half=half)
-    except SketchSearchError as exc:
-        _fail(exc)
-        return
-    _echo_saved(out, ckpt)
+    _save_refit(join_pooled_checkpoint, (weight, dims), model, data_dirs, holdout, val, threshold, out, half)
 
 
 @app.command("eval")
