@@ -376,6 +376,8 @@ class SketchPhotoEncoder(nn.Module):
         self.register_buffer("pooled_mean", torch.stack([photo_mean, sketch_mean]).detach().float().to(device))
         if basis is not None:
             self.register_buffer("pooled_basis", basis.detach().float().to(device))
+        else:  # a basis left from an earlier join would be saved and then not fit the config
+            self._buffers.pop("pooled_basis", None)
 
     def join_pooled(self, z: torch.Tensor, pooled: torch.Tensor, domain: str) -> torch.Tensor:
         """[z, sqrt(w) * the centred pooled vector normalised], normalised: cosines (cos_z + w cos_pooled) / (1 + w)."""

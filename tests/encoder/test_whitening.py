@@ -152,3 +152,8 @@ def test_a_joined_model_outputs_the_weighted_join_and_exports(tmp_path: Path) ->
     for domain in ("photo", "sketch"):
         path = export_onnx(loaded.build(), domain, 64, 3, tmp_path / f"{domain}.onnx")
         assert max_onnx_torch_difference(loaded.build(), domain, path, x.numpy()) < 1e-4
+    # joined again without a projection: all 1280 values, and no basis left behind in the weights
+    rebuilt = loaded.build()
+    assert isinstance(rebuilt, SketchPhotoEncoder)
+    rebuilt.set_pooled_join(means[0], means[1], None, 0.5)
+    assert rebuilt.cfg.output_dim == 32 + 1280 and "pooled_basis" not in rebuilt.state_dict()
