@@ -6,10 +6,9 @@
 MODEL is a checkpoint trained without the held-out categories; a joined one is measured without its join and
 joined afresh. The means and principal directions are fitted on the other 90 categories of sketchy100, as
 `train --pooled-weight` and `join-pooled` fit them on the training data: every photo and every sketch that has
-its photo. Prints held-out and
-qmul-shoes/test acc@1 / acc@10 / mAP@all for the plain embedding and each joined variant. The join is the
-model's own (`join_pooled` on the same vectors), so the numbers are what `eval` gives for a model joined with
-those settings.
+its photo. Prints held-out and qmul-shoes/test acc@1 / acc@10 / mAP@all for the plain embedding and each joined
+variant. The join is the model's own (`join_pooled` on the same vectors), so the numbers are what `eval` gives
+for a model joined with those settings.
 """
 
 from __future__ import annotations
