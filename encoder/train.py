@@ -99,6 +99,12 @@ class TrainConfig:
     # first (0: all 1280): held-out acc@10 +0.03 and mAP +0.05, shoe acc@1 -0.03 to -0.06 (docs/BENCHMARKS.md)
     pooled_weight: float = 0.5
     pooled_dims: int = 256
+    # category cross-entropy on the trunk's final pooled vector (a linear classifier, as ImageNet trained it), both
+    # domains: the join ranks categories by that vector, so sketches and photos of a category should meet there
+    pooled_ce_weight: float = 0.0
+    # the triplet and InfoNCE terms on the joined vectors (the trunk's pooled vector centred on running domain means,
+    # at pooled_weight) rather than on the embedding alone, so that the head learns what the pooled vector lacks
+    joined_loss: bool = False
     # whitening fitted on the training embeddings after training (0: off, 0.5: full): at 0.25, shoe acc@1 +0.11 and
     # held-out categories unchanged within a seed's spread (docs/BENCHMARKS.md, sixth session)
     whiten_power: float = 0.25
@@ -239,6 +245,13 @@ class Stages:
         if not isinstance(m, SketchPhotoEncoder):
             return m.embed(h, domain)  # type: ignore[operator]
         return m.head_for(domain)(self.back_features(h, tap, domain))
+
+    def back_pooled(self, h: torch.Tensor, tap: torch.Tensor, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the embedding, the trunk's final pooled vector) of a lite model."""
+        m = self.model
+        assert isinstance(m, SketchPhotoEncoder)
+        feats = self.back_features(h, tap, domain)
+        return m.head_for(domain)(feats), feats[:, :POOLED_DIM]
 
     def trainable(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(trunk parameters, head parameters) that the optimiser updates."""
@@ -701,6 +714,31 @@ def train(
     trunk_params, head_params = stages.trainable()
     if kd_on:
         head_params = head_params + [kd_classifier, kd_scale]
+    # a training-only linear classifier on the pooled vector: not part of the model, so not in the checkpoint
+    pooled_ce_on = cfg.pooled_ce_weight > 0 and isinstance(model, SketchPhotoEncoder)
+    # (made only when on: its random initialisation would shift every later draw of a run without it)
+    pooled_classifier = nn.Linear(POOLED_DIM, max(len(categories), 1)).to(device) if pooled_ce_on else None
+    if pooled_classifier is not None:
+        head_params = head_params + list(pooled_classifier.parameters())
+    joined_on = cfg.joined_loss and cfg.pooled_weight > 0 and isinstance(model, SketchPhotoEncoder)
+    need_pooled = pooled_classifier is not None or joined_on
+    # each domain's mean pooled vector (photo, sketch), followed over training as the join's means are fitted after
+    pooled_centre = torch.zeros(2, POOLED_DIM, device=device)
+    centre_seen = [False]
+
+    @torch.no_grad()
+    def update_pooled_centre(sketches: torch.Tensor, photos: torch.Tensor) -> None:
+        for row, values in ((0, photos), (1, sketches)):
+            if centre_seen[0]:
+                pooled_centre[row].mul_(0.9).add_(0.1 * values.mean(dim=0))
+            else:
+                pooled_centre[row] = values.mean(dim=0)
+        centre_seen[0] = True
+
+    def join_pooled_batch(z: torch.Tensor, pooled: torch.Tensor, row: int) -> torch.Tensor:
+        """The join of SketchPhotoEncoder.join_pooled on all 1280 directions, centred on the running means."""
+        p = math.sqrt(cfg.pooled_weight) * F.normalize(pooled - pooled_centre[row], dim=-1)
+        return F.normalize(torch.cat([z, p], dim=1), dim=-1)
     groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr}]
     if trunk_params:
         groups.append({"params": trunk_params, "lr": cfg.trunk_lr})
@@ -791,15 +829,30 @@ def train(
             hs, ts = sk_cache.take(sk_idx, sk_views, device)
             hp, tp = ph_cache.take(ph_idx, ph_views, device)
             with torch.autocast(device.type, enabled=amp):
-                if mcfg.shared_head and not per_domain_back:
+                pooled = torch.zeros(0)
+                if need_pooled and mcfg.shared_head and not per_domain_back:
+                    emb, pooled = stages.back_pooled(torch.cat([hs, hp]), torch.cat([ts, tp]), "photo")
+                    es, ep = emb[: len(batch)], emb[len(batch) :]
+                elif need_pooled:
+                    (es, pooled_s), (ep, pooled_p) = (
+                        stages.back_pooled(hs, ts, "sketch"), stages.back_pooled(hp, tp, "photo")
+                    )
+                    pooled = torch.cat([pooled_s, pooled_p])
+                elif mcfg.shared_head and not per_domain_back:
                     emb = stages.back(torch.cat([hs, hp]), torch.cat([ts, tp]), "photo")
                     es, ep = emb[: len(batch)], emb[len(batch) :]
                 else:
                     es, ep = stages.back(hs, ts, "sketch"), stages.back(hp, tp, "photo")
                 es, ep = es.float(), ep.float()
-                loss = triplet_loss(es, ep, cfg.margin, cfg.hard_negatives)
+                # the instance terms rank by what eval ranks by: with --joined-loss, the joined vectors
+                js, jp = es, ep
+                if joined_on:
+                    ps, pp = pooled[: len(batch)].float(), pooled[len(batch) :].float()
+                    update_pooled_centre(ps.detach(), pp.detach())
+                    js, jp = join_pooled_batch(es, ps, 1), join_pooled_batch(ep, pp, 0)
+                loss = triplet_loss(js, jp, cfg.margin, cfg.hard_negatives)
                 if nce_on:
-                    loss = loss + cfg.nce_weight * info_nce_loss(es, ep, cfg.nce_temperature)
+                    loss = loss + cfg.nce_weight * info_nce_loss(js, jp, cfg.nce_temperature)
                 if kd_on:
                     target = kd_targets[torch.tensor(ph_idx), torch.tensor(ph_views)].to(device).float()
                     loss = loss + cfg.kd_weight * 0.5 * (
@@ -816,6 +869,10 @@ def train(
                         category_loss(es, labels, weight, cfg.ce_scale)
                         + category_loss(ep, labels, weight, cfg.ce_scale)
                     )
+                if pooled_classifier is not None:
+                    labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
+                    logits = pooled_classifier(pooled.float())
+                    loss = loss + cfg.pooled_ce_weight * F.cross_entropy(logits, torch.cat([labels, labels]))
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)

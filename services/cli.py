@@ -116,6 +116,13 @@ def train_command(
     pooled_dims: Annotated[
         int, typer.Option(help="With --pooled-weight: project that vector onto its top principal directions (0: all).")
     ] = 256,
+    pooled_ce_weight: Annotated[
+        float,
+        typer.Option(help="Weight of a category cross-entropy term on the trunk's pooled vector (0: off)."),
+    ] = 0.0,
+    joined_loss: Annotated[
+        bool, typer.Option(help="Train the triplet and InfoNCE terms on the embedding joined to the pooled vector.")
+    ] = False,
     frozen_photo_trunk: Annotated[
         bool,
         typer.Option(help="Photos keep the ImageNet trunk (a frozen second copy); only the sketches' is fine-tuned."),
@@ -141,6 +148,7 @@ def train_command(
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
         kd_weight=kd_weight, rkd_weight=rkd_weight, cache_views=cache_views, mirror_pairs=mirror_pairs,
         frozen_photo_trunk=frozen_photo_trunk, pooled_weight=pooled_weight, pooled_dims=pooled_dims,
+        pooled_ce_weight=pooled_ce_weight, joined_loss=joined_loss,
         whiten_power=whiten_power, whiten_shrink=whiten_shrink,
     )
     if out.suffix != ".pt":

@@ -119,6 +119,8 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
         whiten_power=0.25,
         pooled_weight=0.5,
         pooled_dims=8,
+        pooled_ce_weight=1.0,
+        joined_loss=True,
     )
     out = tmp_path / "lite.pt"
     ckpt = train([data], cfg, out, progress=False)
