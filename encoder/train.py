@@ -537,6 +537,8 @@ def train(
     amp = device.type == "cuda"
 
     # ---- data
+    if cfg.joined_loss and cfg.pooled_weight <= 0:
+        raise SketchSearchError("--joined-loss trains on the join: it needs --pooled-weight above 0")
     sets = [load_dataset(p) for p in _discover_sets([Path(p) for p in data_dirs])]
     holdout = set(cfg.holdout)
     train_sets = [s.subset(exclude=holdout) for s in sets]

@@ -10,7 +10,7 @@ import torch
 
 from encoder.checkpoint import load_checkpoint, save_checkpoint
 from encoder.embedder import load_embedder
-from encoder.errors import DatasetError, ModelLoadError
+from encoder.errors import DatasetError, ModelLoadError, SketchSearchError
 from encoder.model import ModelConfig, SketchPhotoEncoder, load_imagenet_classifier, load_imagenet_weights
 from encoder.preprocess import Preprocessing
 from encoder.train import (
@@ -198,6 +198,13 @@ def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None
 def test_training_needs_the_sketchy_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="Sketchy layout"):
         train([tmp_path], TrainConfig(model="seed", epochs=1), tmp_path / "x.pt", progress=False)
+
+
+def test_the_joined_loss_needs_a_join(tmp_path: Path) -> None:
+    cfg = TrainConfig(epochs=1, joined_loss=True, pooled_weight=0.0)
+    with pytest.raises(SketchSearchError, match="needs --pooled-weight"):
+        train([tmp_path], cfg, tmp_path / "x.pt", progress=False)
+    assert not (tmp_path / "x.pt").exists()
 
 
 @pytest.mark.slow
