@@ -241,15 +241,13 @@ class Stages:
         return m.features_from(h, self.start, early, domain)
 
     def back(self, h: torch.Tensor, tap: torch.Tensor, domain: str) -> torch.Tensor:
-        m = self.model
-        if not isinstance(m, SketchPhotoEncoder):
-            return m.embed(h, domain)  # type: ignore[operator]
-        return m.head_for(domain)(self.back_features(h, tap, domain))
+        return self.back_pooled(h, tap, domain)[0]
 
     def back_pooled(self, h: torch.Tensor, tap: torch.Tensor, domain: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the embedding, the trunk's final pooled vector) of a lite model."""
+        """(the embedding, the trunk's final pooled vector; empty for the seed model)."""
         m = self.model
-        assert isinstance(m, SketchPhotoEncoder)
+        if not isinstance(m, SketchPhotoEncoder):
+            return m.embed(h, domain), h.new_zeros(h.shape[0], 0)  # type: ignore[operator]
         feats = self.back_features(h, tap, domain)
         return m.head_for(domain)(feats), feats[:, :POOLED_DIM]
 
@@ -722,23 +720,19 @@ def train(
     pooled_classifier = nn.Linear(POOLED_DIM, max(len(categories), 1)).to(device) if pooled_ce_on else None
     if pooled_classifier is not None:
         head_params = head_params + list(pooled_classifier.parameters())
-    joined_on = cfg.joined_loss and cfg.pooled_weight > 0 and isinstance(model, SketchPhotoEncoder)
-    need_pooled = pooled_classifier is not None or joined_on
+    joined_on = cfg.joined_loss and isinstance(model, SketchPhotoEncoder)  # pooled_weight > 0: checked above
     # each domain's mean pooled vector (photo, sketch), followed over training as the join's means are fitted after
-    pooled_centre = torch.zeros(2, POOLED_DIM, device=device)
-    centre_seen = [False]
+    pooled_centre: torch.Tensor | None = None
 
     @torch.no_grad()
     def update_pooled_centre(sketches: torch.Tensor, photos: torch.Tensor) -> None:
-        for row, values in ((0, photos), (1, sketches)):
-            if centre_seen[0]:
-                pooled_centre[row].mul_(0.9).add_(0.1 * values.mean(dim=0))
-            else:
-                pooled_centre[row] = values.mean(dim=0)
-        centre_seen[0] = True
+        nonlocal pooled_centre
+        means = torch.stack([photos.mean(dim=0), sketches.mean(dim=0)])
+        pooled_centre = means if pooled_centre is None else 0.9 * pooled_centre + 0.1 * means
 
     def join_pooled_batch(z: torch.Tensor, pooled: torch.Tensor, row: int) -> torch.Tensor:
         """The join of SketchPhotoEncoder.join_pooled on all 1280 directions, centred on the running means."""
+        assert pooled_centre is not None
         p = math.sqrt(cfg.pooled_weight) * F.normalize(pooled - pooled_centre[row], dim=-1)
         return F.normalize(torch.cat([z, p], dim=1), dim=-1)
     groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr}]
@@ -831,20 +825,15 @@ def train(
             hs, ts = sk_cache.take(sk_idx, sk_views, device)
             hp, tp = ph_cache.take(ph_idx, ph_views, device)
             with torch.autocast(device.type, enabled=amp):
-                pooled = torch.zeros(0)
-                if need_pooled and mcfg.shared_head and not per_domain_back:
+                # the pooled vectors (sketches first) come free with the embeddings: a slice of the head's input
+                if mcfg.shared_head and not per_domain_back:
                     emb, pooled = stages.back_pooled(torch.cat([hs, hp]), torch.cat([ts, tp]), "photo")
                     es, ep = emb[: len(batch)], emb[len(batch) :]
-                elif need_pooled:
+                else:
                     (es, pooled_s), (ep, pooled_p) = (
                         stages.back_pooled(hs, ts, "sketch"), stages.back_pooled(hp, tp, "photo")
                     )
                     pooled = torch.cat([pooled_s, pooled_p])
-                elif mcfg.shared_head and not per_domain_back:
-                    emb = stages.back(torch.cat([hs, hp]), torch.cat([ts, tp]), "photo")
-                    es, ep = emb[: len(batch)], emb[len(batch) :]
-                else:
-                    es, ep = stages.back(hs, ts, "sketch"), stages.back(hp, tp, "photo")
                 es, ep = es.float(), ep.float()
                 # the instance terms rank by what eval ranks by: with --joined-loss, the joined vectors
                 js, jp = es, ep
@@ -864,15 +853,14 @@ def train(
                 if rkd_on:
                     target = rkd_targets[torch.tensor(ph_idx), torch.tensor(ph_views)].to(device).float()
                     loss = loss + cfg.rkd_weight * relation_loss(ep, target, cfg.rkd_temperature)
+                labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
                 if ce_on:
-                    labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
                     weight: torch.Tensor = model.classifier  # type: ignore[assignment]
                     loss = loss + cfg.ce_weight * 0.5 * (
                         category_loss(es, labels, weight, cfg.ce_scale)
                         + category_loss(ep, labels, weight, cfg.ce_scale)
                     )
                 if pooled_classifier is not None:
-                    labels = torch.tensor([sketch_cats[i] for i in batch], device=device)
                     logits = pooled_classifier(pooled.float())
                     loss = loss + cfg.pooled_ce_weight * F.cross_entropy(logits, torch.cat([labels, labels]))
             opt.zero_grad(set_to_none=True)
