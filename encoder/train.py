@@ -103,7 +103,8 @@ class TrainConfig:
     # domains: the join ranks categories by that vector, so sketches and photos of a category should meet there
     pooled_ce_weight: float = 0.0
     # the triplet and InfoNCE terms on the joined vectors (the trunk's pooled vector centred on running domain means,
-    # at pooled_weight) rather than on the embedding alone, so that the head learns what the pooled vector lacks
+    # at pooled_weight) rather than on the embedding alone, so that the head learns what the pooled vector lacks:
+    # +0.013-0.014 held-out mAP on two 8-epoch seeds; off until measured at the default 24 epochs (docs/BENCHMARKS.md)
     joined_loss: bool = False
     # whitening fitted on the training embeddings after training (0: off, 0.5: full): at 0.25, shoe acc@1 +0.11 and
     # held-out categories unchanged within a seed's spread (docs/BENCHMARKS.md, sixth session)
