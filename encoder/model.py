@@ -127,6 +127,15 @@ class SamePadConv(nn.Conv2d):
         return super().forward(x)
 
 
+def join_vectors(z: torch.Tensor, pooled: torch.Tensor, weight: float) -> torch.Tensor:
+    """[z, sqrt(w) * pooled normalised], normalised: cosines (cos_z + w cos_pooled) / (1 + w).
+
+    `pooled` is already centred (and projected); training and the fitted join both call this, so they cannot drift.
+    """
+    joined = torch.cat([z, math.sqrt(weight) * F.normalize(pooled, dim=-1)], dim=1)
+    return F.normalize(joined, dim=-1)
+
+
 def pool_grid(x: torch.Tensor, side: int, cells: int) -> torch.Tensor:
     """adaptive_avg_pool2d(x, cells).flatten(1) for a map of known side, as static slices that export to ONNX."""
     bounds = [(math.floor(i * side / cells), math.ceil((i + 1) * side / cells)) for i in range(cells)]
@@ -388,8 +397,7 @@ class SketchPhotoEncoder(nn.Module):
         if self.cfg.pooled_dims:
             basis: torch.Tensor = self.pooled_basis  # type: ignore[assignment]
             p = p @ basis
-        joined = torch.cat([z, math.sqrt(self.cfg.pooled_weight) * F.normalize(p, dim=-1)], dim=1)
-        return F.normalize(joined, dim=-1)
+        return join_vectors(z, p, self.cfg.pooled_weight)
 
     def finish(self, z: torch.Tensor) -> torch.Tensor:
         """The head's normalised output -> the embedding: whitened and renormalised when the model has whitening."""

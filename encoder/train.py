@@ -36,6 +36,7 @@ from encoder.model import (
     build_model,
     default_first_trained_block,
     default_mid_blocks,
+    join_vectors,
     load_imagenet_classifier,
     load_imagenet_weights,
     pool_grid,
@@ -732,10 +733,9 @@ def train(
         pooled_centre = means if pooled_centre is None else 0.9 * pooled_centre + 0.1 * means
 
     def join_pooled_batch(z: torch.Tensor, pooled: torch.Tensor, row: int) -> torch.Tensor:
-        """The join of SketchPhotoEncoder.join_pooled on all 1280 directions, centred on the running means."""
+        """The model's join on all 1280 directions, centred on the running means rather than fitted ones."""
         assert pooled_centre is not None
-        p = math.sqrt(cfg.pooled_weight) * F.normalize(pooled - pooled_centre[row], dim=-1)
-        return F.normalize(torch.cat([z, p], dim=1), dim=-1)
+        return join_vectors(z, pooled - pooled_centre[row], cfg.pooled_weight)
     groups: list[dict[str, Any]] = [{"params": head_params, "lr": cfg.lr}]
     if trunk_params:
         groups.append({"params": trunk_params, "lr": cfg.trunk_lr})
