@@ -121,8 +121,13 @@ def train_command(
         typer.Option(help="Weight of a category cross-entropy term on the trunk's pooled vector (0: off)."),
     ] = 0.0,
     joined_loss: Annotated[
-        bool, typer.Option(help="Train the triplet and InfoNCE terms on the embedding joined to the pooled vector.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--joined-loss/--no-joined-loss",
+            help="Train the triplet and InfoNCE terms on the embedding joined to the pooled vector "
+            "(default: on wherever --pooled-weight joins it).",
+        ),
+    ] = None,
     frozen_photo_trunk: Annotated[
         bool,
         typer.Option(help="Photos keep the ImageNet trunk (a frozen second copy); only the sketches' is fine-tuned."),
@@ -138,6 +143,8 @@ def train_command(
     from encoder.train import TrainConfig, train
 
     logging.getLogger("encoder").setLevel(logging.INFO)
+    if joined_loss and pooled_weight <= 0:
+        _fail(SketchSearchError("--joined-loss trains on the join: it needs --pooled-weight above 0"))
     cfg = TrainConfig(
         model=model, epochs=epochs, embed_dim=embed_dim, batch_size=batch_size, seed=seed, device=device,
         holdout=[c for c in holdout.split(",") if c], val_dirs=[str(v) for v in val or []],
@@ -148,7 +155,7 @@ def train_command(
         sketch_norm=sketch_norm, sketch_norm_front=sketch_norm_front, ce_weight=ce_weight,
         kd_weight=kd_weight, rkd_weight=rkd_weight, cache_views=cache_views, mirror_pairs=mirror_pairs,
         frozen_photo_trunk=frozen_photo_trunk, pooled_weight=pooled_weight, pooled_dims=pooled_dims,
-        pooled_ce_weight=pooled_ce_weight, joined_loss=joined_loss,
+        pooled_ce_weight=pooled_ce_weight, joined_loss=joined_loss is not False,
         whiten_power=whiten_power, whiten_shrink=whiten_shrink,
     )
     if out.suffix != ".pt":

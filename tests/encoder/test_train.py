@@ -10,7 +10,7 @@ import torch
 
 from encoder.checkpoint import load_checkpoint, save_checkpoint
 from encoder.embedder import load_embedder
-from encoder.errors import DatasetError, ModelLoadError, SketchSearchError
+from encoder.errors import DatasetError, ModelLoadError
 from encoder.model import ModelConfig, SketchPhotoEncoder, load_imagenet_classifier, load_imagenet_weights
 from encoder.preprocess import Preprocessing
 from encoder.train import (
@@ -99,6 +99,8 @@ def test_seed_model_training_lowers_the_loss(sketchy: Path, tmp_path: Path) -> N
     # the loss on fixed training batches, before and after training
     assert ckpt.metrics["history"][-1]["probe_loss"] < 0.9 * ckpt.metrics["initial_probe_loss"]
     assert ckpt.config.arch == "seed" and ckpt.dim == 128
+    # the seed network has no pooled vector to join: its record says the loss was on the embedding
+    assert ckpt.train_config["joined_loss"] is False
 
 
 @pytest.mark.slow
@@ -198,13 +200,6 @@ def test_missing_or_foreign_checkpoints_are_clear_errors(tmp_path: Path) -> None
 def test_training_needs_the_sketchy_layout(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="Sketchy layout"):
         train([tmp_path], TrainConfig(model="seed", epochs=1), tmp_path / "x.pt", progress=False)
-
-
-def test_the_joined_loss_needs_a_join(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=1, joined_loss=True, pooled_weight=0.0)
-    with pytest.raises(SketchSearchError, match="needs --pooled-weight"):
-        train([tmp_path], cfg, tmp_path / "x.pt", progress=False)
-    assert not (tmp_path / "x.pt").exists()
 
 
 @pytest.mark.slow

@@ -92,7 +92,11 @@ def test_train_command_defaults_are_the_train_config_defaults() -> None:
     from services.cli import train_command
 
     fields = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
-    renamed = {"last_epoch": ("select_best", lambda v: not v), "separate_heads": ("shared_head", lambda v: not v)}
+    renamed = {
+        "last_epoch": ("select_best", lambda v: not v),
+        "separate_heads": ("shared_head", lambda v: not v),
+        "joined_loss": ("joined_loss", lambda v: v is not False),  # None: on wherever there is a join
+    }
     checked = 0
     for name, param in inspect.signature(train_command).parameters.items():
         if param.default is inspect.Parameter.empty or name in ("threshold", "cache_dir", "out", "name", "val"):
@@ -103,7 +107,15 @@ def test_train_command_defaults_are_the_train_config_defaults() -> None:
             checked += 1
     assert checked >= 15
     assert fields["epochs"] == 24 and fields["embed_dim"] == 512 and fields["ce_weight"] == 1.0
-    assert fields["whiten_power"] == 0.25
+    assert fields["whiten_power"] == 0.25 and fields["joined_loss"] is True
+
+
+def test_train_refuses_the_joined_loss_without_a_join(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path), "--joined-loss", "--pooled-weight", "0", "--out", str(tmp_path / "x.pt")]
+    )
+    assert result.exit_code == 2 and "needs --pooled-weight above 0" in result.output
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_path: Path) -> None:
