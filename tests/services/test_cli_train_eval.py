@@ -116,6 +116,9 @@ def test_train_refuses_the_joined_loss_without_a_join(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2 and "needs --pooled-weight above 0" in result.output
     assert not (tmp_path / "x.pt").exists()
+    # left at its default, the joined loss does not stand in the way of --pooled-weight 0: the data is next
+    result = CliRunner().invoke(app, ["train", str(tmp_path), "--pooled-weight", "0", "--out", str(tmp_path / "x.pt")])
+    assert result.exit_code == 2 and "Sketchy layout" in result.output
 
 
 def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_path: Path) -> None:
