@@ -184,6 +184,12 @@ RefitThreshold = Annotated[
     float | None, typer.Option(help="Score threshold to store (default: calibrated on the first --val set).")
 ]
 RefitHalf = Annotated[bool, typer.Option(help="Store the weights as fp16 (half the size).")]
+RefitAgain = Annotated[
+    bool,
+    typer.Option(
+        "--refit", help="Start from the model's trained weights without what it fitted before (e.g. on other data)."
+    ),
+]
 
 
 @app.command("whiten")
@@ -197,11 +203,18 @@ def whiten_command(
     val: RefitVal = None,
     threshold: RefitThreshold = None,
     half: RefitHalf = False,
+    refit: RefitAgain = False,
 ) -> None:
-    """Fit whitening for a trained model on its training data and write it as a new model (a new id)."""
+    """Fit whitening for a trained model on its training data and write it as a new model (a new id).
+
+    With --refit, a model that is already whitened (and joined) is whitened again from its trained weights: both
+    fits are dropped, so follow with `join-pooled` to join it again."""
     from encoder.train import whiten_checkpoint
 
-    _save_refit(whiten_checkpoint, (power, shrink), model, data_dirs, holdout, val, threshold, out, half)
+    def start(ckpt: Checkpoint) -> Checkpoint:
+        return ckpt.without_pooled_join().without_whitening() if refit else ckpt
+
+    _save_refit(whiten_checkpoint, (power, shrink), model, data_dirs, holdout, val, threshold, out, half, start)
 
 
 def _save_refit(
@@ -214,14 +227,15 @@ def _save_refit(
     threshold: float | None,
     out: Path,
     half: bool,
+    start: Callable[[Checkpoint], Checkpoint],
 ) -> None:
-    """Refit the model on its training data (`fit(model, data_dirs, *settings, ...)`), write it and print its id,
-    width, threshold and validation, or fail clearly."""
+    """Refit the model on its training data (`fit(start(model), data_dirs, *settings, ...)`), write it and print
+    its id, width, threshold and validation, or fail clearly."""
     from encoder.checkpoint import load_checkpoint, save_checkpoint
 
     try:
         ckpt = fit(
-            load_checkpoint(model), list(data_dirs), *settings,
+            start(load_checkpoint(model)), list(data_dirs), *settings,
             holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
         )
         save_checkpoint(ckpt, out, half=half)
@@ -250,11 +264,17 @@ def join_pooled_command(
     val: RefitVal = None,
     threshold: RefitThreshold = None,
     half: RefitHalf = False,
+    refit: RefitAgain = False,
 ) -> None:
-    """Join the trunk's centred pooled vector to a trained model's embedding and write it as a new model."""
+    """Join the trunk's centred pooled vector to a trained model's embedding and write it as a new model.
+
+    With --refit, a model that already joins it is joined again (its whitening is kept)."""
     from encoder.train import join_pooled_checkpoint
 
-    _save_refit(join_pooled_checkpoint, (weight, dims), model, data_dirs, holdout, val, threshold, out, half)
+    def start(ckpt: Checkpoint) -> Checkpoint:
+        return ckpt.without_pooled_join() if refit else ckpt
+
+    _save_refit(join_pooled_checkpoint, (weight, dims), model, data_dirs, holdout, val, threshold, out, half, start)
 
 
 @app.command("eval")

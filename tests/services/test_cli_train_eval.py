@@ -198,3 +198,22 @@ def test_join_pooled_writes_a_wider_model_and_refuses_to_join_twice(sketchy: Pat
     assert again.exit_code == 2 and "already joins" in again.output
     white = runner.invoke(app, ["whiten", str(data), "--model", str(out), "--out", str(tmp_path / "w.pt")])
     assert white.exit_code == 2 and "whiten the model before the join" in white.output
+
+    # --refit fits again from the trained weights: the join alone, or the whitening with the join dropped
+    rejoined = tmp_path / "rejoined.pt"
+    result = runner.invoke(
+        app, ["join-pooled", str(data), "--model", str(out), "--holdout", "chair", "--dims", "4", "--refit",
+              "--out", str(rejoined)],
+    )
+    assert result.exit_code == 0, result.output
+    again_joined = load_checkpoint(rejoined)
+    assert again_joined.dim == base.dim + 4 and again_joined.config.whiten
+    assert again_joined.train_config["pooled_weight"] == 0.5
+    rewhite = tmp_path / "rewhite.pt"
+    result = runner.invoke(
+        app, ["whiten", str(data), "--model", str(out), "--holdout", "chair", "--refit", "--out", str(rewhite)]
+    )
+    assert result.exit_code == 0, result.output
+    white_again = load_checkpoint(rewhite)
+    assert white_again.config.whiten and white_again.config.pooled_weight == 0 and white_again.dim == base.dim
+    assert not any(k.startswith("pooled_") for k in white_again.state_dict)
