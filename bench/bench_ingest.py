@@ -1,6 +1,6 @@
 """Embedded ingestion, end to end: photo files -> hashes -> embeddings -> the local Qdrant store, photos/s.
 
-    .venv/bin/python bench/bench_ingest.py [--model default] [--data ../shared/data/sketchy100]
+    .venv/bin/python bench/bench_ingest.py [--model default] [--data ../shared/data/sketchy100] [--gallery-neighbours K]
 
 Runs the code `sketchsearch ingest` runs without a broker (an in-process job, one owner of the store) into
 a fresh store under a temporary HOME, then the same folder again (every photo already present: the cost of
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
     parser.add_argument("--home", type=Path, default=None, help="HOME for the store (default: a temp folder)")
+    parser.add_argument("--gallery-neighbours", type=int, default=None, help="default: the setting's (5)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     photo_dir = args.data / "photo"
@@ -51,6 +52,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         home = args.home or Path(tmp)
         settings = Settings(home=home, model=args.model, batch_size=args.batch_size, threads=args.threads)
+        if args.gallery_neighbours is not None:
+            settings = settings.model_copy(update={"gallery_neighbours": args.gallery_neighbours})
         t0 = time.perf_counter()
         embedder = load_active_model(settings)
         load_s = time.perf_counter() - t0
@@ -67,7 +70,8 @@ def main() -> None:
 
     print(
         f"# model {embedder.model_id} ({embedder.dim} d, {embedder.backend}), batch {args.batch_size}, "
-        f"{os.cpu_count()} CPU cores, model load {load_s:.1f} s (not counted), {stored} photos stored"
+        f"{os.cpu_count()} CPU cores, model load {load_s:.1f} s (not counted), {stored} photos stored, "
+        f"gallery neighbours {settings.gallery_neighbours}"
     )
     print(f"{'run':<34} {'added':>6} {'present':>8} {'failed':>7} {'seconds':>8} {'photos/s':>9}")
     for name, (added, present, failed, seconds) in (

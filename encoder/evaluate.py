@@ -14,6 +14,7 @@ from encoder.data import SketchyDataset, load_dataset
 from encoder.embedder import Embedder
 from encoder.errors import DatasetError
 from encoder.metrics import retrieval_metrics
+from encoder.neighbours import blend_gallery
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class EvalReport:
     category: dict[str, float] | None
     threshold: dict[str, float]
     seconds: dict[str, float]
+    neighbours: int = 0  # gallery vectors blended with this many nearest photos (0: the embeddings); not in JSON
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,9 +57,12 @@ def evaluate_dataset(
     embedder: Embedder,
     categories: set[str] | None = None,
     batch_size: int = 32,
+    neighbours: int = 0,
 ) -> EvalReport:
     """Embed every photo and sketch of the folder and measure retrieval; the model's stored threshold is used
-    when it has one, otherwise one is calibrated on this data (and reported as such)."""
+    when it has one, otherwise one is calibrated on this data (and reported as such). neighbours > 0 ranks by
+    gallery vectors, each photo blended with its nearest photos as the vector store does
+    (encoder/neighbours.py); 0 by the photos' embeddings alone."""
     t0 = time.time()
     data = load_dataset(data_dir)
     if categories:
@@ -68,7 +73,8 @@ def evaluate_dataset(
     photos = embed_gallery(embedder, data, batch_size=batch_size)
     sketches = embedder.embed_sketches([s.path for s in data.sketches], batch_size=batch_size)
     embed_seconds = time.time() - t_embed
-    result = retrieval_metrics(sketches, photos, data, threshold=embedder.threshold)
+    gallery = blend_gallery(photos, neighbours)
+    result = retrieval_metrics(sketches, gallery, data, threshold=embedder.threshold)
     if embedder.threshold is None:
         logger.info("the model stores no threshold: calibrated one on this data")
     return EvalReport(
@@ -79,6 +85,7 @@ def evaluate_dataset(
         category=result["category"],
         threshold=result["threshold"],
         seconds={"embed": round(embed_seconds, 3), "total": round(time.time() - t0, 3)},
+        neighbours=neighbours,
     )
 
 
@@ -90,6 +97,7 @@ def format_report(report: EvalReport) -> str:
         ("gallery photos", str(report.gallery)),
         ("sketch queries", str(report.queries)),
         ("instance queries", str(inst["queries"])),
+        ("gallery neighbours", str(report.neighbours) if report.neighbours else "0 (embeddings alone)"),
     ]
     rows += [(f"acc@{k}", f"{inst[f'acc@{k}']:.3f}") for k in (1, 3, 5, 10)]
     rows.append(("median rank", f"{inst['median_rank']:.1f}" if not np.isnan(inst["median_rank"]) else "n/a"))

@@ -286,14 +286,26 @@ def eval_command(
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the metrics as JSON here.")] = None,
     categories: Annotated[str, typer.Option(help="Comma-separated categories to restrict to.")] = "",
     backend: Annotated[str | None, typer.Option(help="onnx (CPU) or torch; default: torch on CUDA, else onnx.")] = None,
+    gallery_neighbours: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=64,
+            help="Rank by photos blended with their K nearest photos, as search does (default: "
+            "SKETCHSEARCH_GALLERY_NEIGHBOURS, 5); 0 ranks by the photo embeddings alone.",
+        ),
+    ] = None,
 ) -> None:
     """Retrieve every sketch's photo among all photos of DATA_DIR and report acc@K, mAP and threshold metrics."""
     from encoder.embedder import load_embedder
     from encoder.evaluate import evaluate_dataset, format_report
 
+    neighbours = _settings().gallery_neighbours if gallery_neighbours is None else gallery_neighbours
     try:
         embedder = load_embedder(None if model == "default" else model, backend=backend)
-        report = evaluate_dataset(data_dir, embedder, categories={c for c in categories.split(",") if c} or None)
+        report = evaluate_dataset(
+            data_dir, embedder, categories={c for c in categories.split(",") if c} or None, neighbours=neighbours
+        )
     except SketchSearchError as exc:
         _fail(exc)
         return

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     search_limit: int = Field(
         default=1000, ge=1, description="Most hits a threshold search returns (it has no top-k)."
     )
+    gallery_neighbours: int = Field(
+        default=5,
+        ge=0,
+        le=64,
+        description="Searches rank each photo by its embedding blended with its K nearest gallery photos' "
+        "(0: the embedding alone). Part of the collection's name: a new K builds a new collection.",
+    )
 
     @field_validator("qdrant_url", "broker_url", "qdrant_api_key", "backend", mode="before")
     @classmethod
@@ -97,6 +104,7 @@ class Settings(BaseSettings):
             "queue": self.queue,
             "visibility_timeout": str(self.visibility_timeout),
             "search_limit": str(self.search_limit),
+            "gallery_neighbours": str(self.gallery_neighbours),
         }
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from encoder.checkpoint import load_checkpoint
 from encoder.embedder import Embedder, load_embedder
 from services.config import Settings
-from services.vector_store import VectorStore, collection_name
+from services.vector_store import VectorStore
 
 logger = logging.getLogger(__name__)
 
@@ -19,10 +19,6 @@ class ModelIdentity:
 
     model_id: str
     dim: int
-
-    @property
-    def collection(self) -> str:
-        return collection_name(self.model_id, self.dim)
 
 
 @dataclass

@@ -100,7 +100,7 @@ def find_similar(
 
 def read_stats(store: VectorStore, model: ModelIdentity) -> StoreStats:
     """Photo and category counts of the model's collection (zero before the first ingest)."""
-    name = model.collection
+    name = store.collection_name(model.model_id, model.dim)
     size = store.collection_dimension(name)
     if size is None:
         return StoreStats(0, model.model_id, name, {})

@@ -22,6 +22,7 @@ import numpy as np
 from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
+from encoder.neighbours import NeighbourIndex, blend_neighbours
 from services.config import Settings
 from services.errors import (
     DimensionMismatchError,
@@ -37,11 +38,24 @@ COLLECTION_PREFIX = "photos"
 _LOCK_MESSAGE = "already accessed by another instance"
 # Reads by id are chunked so that one request stays small whatever the batch size.
 _RETRIEVE_CHUNK = 256
+# Each point holds two vectors: the photo's own embedding, and the gallery vector that searches rank by (the
+# embedding blended with its nearest photos' embeddings, encoder/neighbours.py).
+PHOTO_VECTOR = "photo"
+GALLERY_VECTOR = "gallery"
+# Payload key: the cosine of a photo's k-th nearest other photo. A new photo at or above it enters that photo's
+# neighbours, so its gallery vector must be blended again; below it, nothing changes.
+FLOOR_KEY = "neighbour_floor"
+_NO_FLOOR = -2.0  # fewer than k other photos yet: any new photo is a neighbour
+# A new photo looks for the photos whose neighbours it joins among its own (k + 1) x _REACH nearest: a photo
+# farther than that from it but with it among its own k nearest (a hub) is missed, and keeps a slightly stale
+# blend until it is blended again (docs/PLATFORM.md).
+_REACH = 4
 
 
-def collection_name(model_id: str, dim: int) -> str:
-    """The collection of one model: its id and dimension in the name, so models never share vectors."""
-    return f"{COLLECTION_PREFIX}-{model_id}-d{dim}"
+def collection_name(model_id: str, dim: int, neighbours: int) -> str:
+    """The collection of one model: its id, dimension and gallery-neighbour count in the name, so that models
+    (and gallery vectors blended differently) never share a collection."""
+    return f"{COLLECTION_PREFIX}-{model_id}-d{dim}-n{neighbours}"
 
 
 def photo_id(sha256_hex: str) -> str:
@@ -108,10 +122,19 @@ def _translated(what: str, location: str) -> Iterator[None]:
 class VectorStore:
     """A Qdrant client with the operations the gallery needs. Open with open_store(); close when done."""
 
-    def __init__(self, client: QdrantClient, location: str, embedded: bool, owner: _OwnerLock | None = None) -> None:
+    def __init__(
+        self,
+        client: QdrantClient,
+        location: str,
+        embedded: bool,
+        owner: _OwnerLock | None = None,
+        neighbours: int = 0,
+    ) -> None:
         self.client = client
         self.location = location
         self.embedded = embedded
+        self.neighbours = neighbours  # k of the gallery vectors: each photo blended with its k nearest photos
+        self._indexes: dict[str, NeighbourIndex] = {}  # embedded mode: each written collection's embeddings
         self._owner = owner
         # local mode keeps numpy arrays that an upsert resizes: a search from another thread must not
         # run in the middle of it (a server serialises for us, the lock then costs next to nothing)
@@ -162,19 +185,28 @@ class VectorStore:
 
     # --- collections -------------------------------------------------------------------------------------
 
+    def collection_name(self, model_id: str, dim: int) -> str:
+        return collection_name(model_id, dim, self.neighbours)
+
     def collection_dimension(self, name: str) -> int | None:
         """The vector size of a collection, None when it does not exist; -1 for a layout we never create."""
         with self._op(f"collection {name}"):
             if not self.client.collection_exists(name):
                 return None
             params = self.client.get_collection(name).config.params.vectors
-        if isinstance(params, models.VectorParams):
-            return int(params.size)
-        return -1  # named vectors: not ours
+        if isinstance(params, dict) and set(params) == {PHOTO_VECTOR, GALLERY_VECTOR}:
+            sizes = {int(p.size) for p in params.values()}
+            if len(sizes) == 1:
+                return sizes.pop()
+        return -1  # one unnamed vector, or other names: not ours
 
     def check_dimension(self, name: str, size: int, dim: int, model_id: str) -> None:
         if size != dim:
-            found = "named vectors" if size < 0 else f"{size}-dimensional vectors"
+            found = (
+                f"vectors of another layout (not the {PHOTO_VECTOR}/{GALLERY_VECTOR} pair sketchsearch writes)"
+                if size < 0
+                else f"{size}-dimensional vectors"
+            )
             raise DimensionMismatchError(
                 f"collection {name} holds {found} but model {model_id} embeds {dim} dimensions; "
                 "it will not be written into. Use the model that built it (SKETCHSEARCH_MODEL) or delete "
@@ -183,15 +215,14 @@ class VectorStore:
 
     def ensure_collection(self, model_id: str, dim: int) -> str:
         """Create (or check) the model's collection, index category where supported, point `gallery` at it."""
-        name = collection_name(model_id, dim)
+        name = self.collection_name(model_id, dim)
         size = self.collection_dimension(name)
         if size is not None:
             self.check_dimension(name, size, dim, model_id)
         else:
             with self._op(f"create collection {name}"):
-                self.client.create_collection(
-                    name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
-                )
+                params = models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                self.client.create_collection(name, vectors_config={PHOTO_VECTOR: params, GALLERY_VECTOR: params})
                 if not self.embedded:
                     # local mode has no payload indexes (qdrant-client warns and ignores them); a server
                     # uses this one for category filters and for the category counts (facets)
@@ -203,7 +234,7 @@ class VectorStore:
 
     def find_collection(self, model_id: str, dim: int) -> str:
         """The model's existing collection for reading; GalleryNotFoundError or DimensionMismatchError."""
-        name = collection_name(model_id, dim)
+        name = self.collection_name(model_id, dim)
         size = self.collection_dimension(name)
         if size is not None:
             self.check_dimension(name, size, dim, model_id)
@@ -212,6 +243,18 @@ class VectorStore:
         hint = "ingest photos with `sketchsearch ingest PATH`"
         if target is not None:
             target_size = self.collection_dimension(target)
+            same_model = f"{COLLECTION_PREFIX}-{model_id}-d{dim}"
+            if target_size == -1 or target == same_model:
+                raise GalleryNotFoundError(
+                    f"the gallery ({GALLERY_ALIAS} -> {target}) was built before photos had gallery vectors, or by "
+                    f"another tool: {hint} again to build {name} (the old collection is left as it is)"
+                )
+            if target.startswith(f"{same_model}-n"):
+                raise GalleryNotFoundError(
+                    f"the gallery ({GALLERY_ALIAS} -> {target}) was built with another "
+                    f"SKETCHSEARCH_GALLERY_NEIGHBOURS ({target.rsplit('-n', 1)[1]}, now {self.neighbours}): set it "
+                    f"back, or {hint} again to build {name}"
+                )
             if target_size is not None and target_size != dim:
                 raise DimensionMismatchError(
                     f"the gallery ({GALLERY_ALIAS} -> {target}) holds {target_size}-dimensional vectors but "
@@ -252,31 +295,189 @@ class VectorStore:
     # --- points ------------------------------------------------------------------------------------------
 
     def existing_ids(self, collection: str, ids: Sequence[str]) -> set[str]:
-        """The subset of ids already stored (no vectors or payloads transferred)."""
+        """The subset of ids already stored (no vectors transferred). On a server with gallery neighbours, a
+        photo counts once it has been blended (it has a floor): a batch whose worker died between writing and
+        blending is then done again, not skipped with its gallery vectors unblended."""
         found: set[str] = set()
+        blended_only = self.neighbours > 0 and not self.embedded
         with self._op(f"read {collection}"):
             for start in range(0, len(ids), _RETRIEVE_CHUNK):
                 chunk = list(ids[start : start + _RETRIEVE_CHUNK])
-                points = self.client.retrieve(collection, chunk, with_payload=False, with_vectors=False)
-                found.update(str(p.id) for p in points)
+                points = self.client.retrieve(
+                    collection, chunk, with_payload=[FLOOR_KEY] if blended_only else False, with_vectors=False
+                )
+                found.update(str(p.id) for p in points if not blended_only or FLOOR_KEY in (p.payload or {}))
         return found
 
     def upsert_photos(self, collection: str, records: Sequence[PhotoRecord], vectors: np.ndarray) -> None:
-        """Write photos; the same id overwrites, so a batch done twice stores each photo once."""
+        """Write photos with their gallery vectors, and blend again the photos whose nearest neighbours they
+        became. The same id overwrites, so a batch done twice stores each photo once."""
         if not records:
             return
         if vectors.shape != (len(records), vectors.shape[1]):
             raise ValueError(f"{len(records)} records but vectors of shape {vectors.shape}")
+        ids = [r.id for r in records]
+        rows = np.asarray(vectors, dtype=np.float32)
+        with self._lock:  # the in-memory index and the store change together
+            try:
+                self._write_photos(collection, records, ids, rows)
+            except BaseException:
+                # the index may be ahead of the store: read it again (and mend what was left stale) next time
+                self._indexes.pop(collection, None)
+                raise
+
+    def _write_photos(self, collection: str, records: Sequence[PhotoRecord], ids: list[str], rows: np.ndarray) -> None:
+        gallery = rows
+        others: tuple[list[str], np.ndarray] = ([], rows[:0])
+        if self.neighbours > 0 and self.embedded:
+            # the one owner of an embedded store sees every write: its in-memory index is exact and fast
+            changed, blended = self._neighbour_index(collection).add(ids, rows)
+            at = {pid: i for i, pid in enumerate(changed)}
+            gallery = blended[[at[pid] for pid in ids]]
+            written = set(ids)
+            rest = [i for i, pid in enumerate(changed) if pid not in written]
+            others = ([changed[i] for i in rest], blended[rest])
         with self._op(f"write {collection}"):
             self.client.upsert(
                 collection,
                 points=models.Batch(
-                    ids=[r.id for r in records],
-                    vectors=np.asarray(vectors, dtype=np.float32).tolist(),
+                    ids=list[Any](ids),
+                    vectors={PHOTO_VECTOR: rows.tolist(), GALLERY_VECTOR: gallery.tolist()},
                     payloads=[r.payload() for r in records],
                 ),
                 wait=True,
             )
+        if others[0]:
+            self._write_gallery_vectors(collection, *others)
+        elif self.neighbours > 0 and not self.embedded:
+            self.blend_by_queries(collection, ids)
+
+    def _write_gallery_vectors(self, collection: str, ids: Sequence[str], vectors: np.ndarray) -> None:
+        with self._op(f"write {collection}"):
+            self.client.update_vectors(
+                collection,
+                points=[
+                    models.PointVectors(id=pid, vector={GALLERY_VECTOR: v.tolist()})
+                    for pid, v in zip(ids, vectors, strict=True)
+                ],
+                wait=True,
+            )
+
+    def _neighbour_index(self, collection: str) -> NeighbourIndex:
+        """The collection's photo embeddings in memory (read once per process). Reading also checks every
+        stored gallery vector against the exact blend and rewrites those that differ: a process killed
+        between writing a batch and blending its neighbours leaves them stale, and this mends them."""
+        index = self._indexes.get(collection)
+        if index is not None:
+            return index
+        dim = self.collection_dimension(collection) or 0
+        ids: list[str] = []
+        photos: list[np.ndarray] = []
+        stored: list[np.ndarray] = []
+        offset: Any = None
+        with self._op(f"read {collection}"):
+            while True:
+                points, offset = self.client.scroll(
+                    collection, limit=1024, offset=offset, with_payload=False, with_vectors=True
+                )
+                ids.extend(str(p.id) for p in points)
+                for rows, name in ((photos, PHOTO_VECTOR), (stored, GALLERY_VECTOR)):
+                    page = [_named(p.vector, name) for p in points]
+                    rows.append(np.asarray(page, dtype=np.float32).reshape(len(points), dim))
+                if offset is None:
+                    break
+        index = NeighbourIndex(self.neighbours, dim)
+        if ids:
+            t0 = time.perf_counter()
+            _, blended = index.add(ids, np.concatenate(photos))
+            stale = np.flatnonzero(np.abs(blended - np.concatenate(stored)).max(axis=1) > 1e-4)
+            logger.info("%s: %d photos read and blended in %.1f s", collection, len(ids), time.perf_counter() - t0)
+            if len(stale):
+                logger.warning("%s: %d gallery vectors were stale, blended again", collection, len(stale))
+                self._write_gallery_vectors(collection, [ids[i] for i in stale], blended[stale])
+        self._indexes[collection] = index
+        return index
+
+    def blend_by_queries(self, collection: str, new_ids: Sequence[str]) -> int:
+        """A server's way to bring the gallery vectors up to date after new_ids were written (several workers
+        may write, so no process holds the whole gallery): blend each new photo with its k nearest photos, and
+        blend again every photo that a new one joins among its k nearest, as its payload floor says. Returns
+        how many gallery vectors were written."""
+        k = self.neighbours
+        if k <= 0 or not new_ids:
+            return 0
+        affected = dict.fromkeys(str(i) for i in new_ids)
+        with self._op(f"blend {collection}"):
+            for start in range(0, len(new_ids), _RETRIEVE_CHUNK):
+                own = self.client.retrieve(
+                    collection, list(new_ids[start : start + _RETRIEVE_CHUNK]), with_vectors=[PHOTO_VECTOR]
+                )
+                requests = [
+                    models.QueryRequest(
+                        query=_named(p.vector, PHOTO_VECTOR),
+                        using=PHOTO_VECTOR,
+                        limit=(k + 1) * _REACH,
+                        with_payload=[FLOOR_KEY],
+                    )
+                    for p in own
+                ]
+                for response in self.client.query_batch_points(collection, requests):
+                    for hit in response.points:
+                        floor = (hit.payload or {}).get(FLOOR_KEY)
+                        if floor is None or hit.score >= float(floor):
+                            affected.setdefault(str(hit.id))
+            ids = list(affected)
+            for start in range(0, len(ids), _RETRIEVE_CHUNK):
+                self._blend_points(collection, ids[start : start + _RETRIEVE_CHUNK], k)
+        logger.debug("%s: %d new photos, %d gallery vectors blended", collection, len(new_ids), len(ids))
+        return len(ids)
+
+    def _blend_points(self, collection: str, ids: Sequence[str], k: int) -> None:
+        points = self.client.retrieve(collection, list(ids), with_payload=False, with_vectors=[PHOTO_VECTOR])
+        requests = [
+            models.QueryRequest(
+                query=_named(p.vector, PHOTO_VECTOR), using=PHOTO_VECTOR, limit=k + 1, with_vector=[PHOTO_VECTOR]
+            )
+            for p in points
+        ]
+        responses = self.client.query_batch_points(collection, requests) if requests else []
+        updates: list[Any] = []
+        for point, response in zip(points, responses, strict=True):
+            own = np.asarray(_named(point.vector, PHOTO_VECTOR), dtype=np.float32)
+            others = [h for h in response.points if str(h.id) != str(point.id)][:k]
+            near = np.asarray([_named(h.vector, PHOTO_VECTOR) for h in others], dtype=np.float32)
+            scores = np.asarray([[h.score for h in others]], dtype=np.float32)
+            blended = blend_neighbours(own[None], near.reshape(1, len(others), own.shape[0]), scores)[0]
+            floor = float(others[-1].score) if len(others) == k else _NO_FLOOR
+            # only this point's gallery vector and floor: a concurrent write of its payload is kept
+            updates.append(
+                models.UpdateVectorsOperation(
+                    update_vectors=models.UpdateVectors(
+                        points=[models.PointVectors(id=point.id, vector={GALLERY_VECTOR: blended.tolist()})]
+                    )
+                )
+            )
+            updates.append(
+                models.SetPayloadOperation(
+                    set_payload=models.SetPayload(payload={FLOOR_KEY: floor}, points=[point.id])
+                )
+            )
+        if updates:
+            self.client.batch_update_points(collection, update_operations=updates, wait=True)
+
+    def read_vectors(self, collection: str, ids: Sequence[str], which: str = GALLERY_VECTOR) -> np.ndarray:
+        """Stored vectors (PHOTO_VECTOR: the embeddings, GALLERY_VECTOR: what search ranks by), in the order of
+        ids; a missing id is an error."""
+        rows: dict[str, list[float]] = {}
+        with self._op(f"read {collection}"):
+            for start in range(0, len(ids), _RETRIEVE_CHUNK):
+                chunk = list(ids[start : start + _RETRIEVE_CHUNK])
+                for p in self.client.retrieve(collection, chunk, with_vectors=[which]):
+                    rows[str(p.id)] = _named(p.vector, which)
+        missing = [i for i in ids if i not in rows]
+        if missing:
+            raise KeyError(f"{len(missing)} ids not in {collection}, e.g. {missing[0]}")
+        return np.asarray([rows[i] for i in ids], dtype=np.float32)
 
     def get_photo(self, collection: str, point_id: str) -> PhotoRecord | None:
         with self._op(f"read {collection}"):
@@ -300,6 +501,11 @@ class VectorStore:
             result = self.client.query_points(
                 collection,
                 query=q,
+                using=GALLERY_VECTOR,
+                # a stored photo queries with its own embedding, as a sketch does, against the gallery vectors
+                lookup_from=models.LookupLocation(collection=collection, vector=PHOTO_VECTOR)
+                if isinstance(query, str)
+                else None,
                 limit=limit,
                 score_threshold=score_threshold,
                 query_filter=flt,
@@ -328,6 +534,13 @@ class VectorStore:
                 return {}
             response = self.client.facet(collection, key="category", limit=max(total, 1), exact=True)
         return {str(hit.value): int(hit.count) for hit in response.hits}
+
+
+def _named(vector: Any, name: str) -> list[float]:
+    """One named vector of a point as qdrant-client returns it."""
+    if not isinstance(vector, dict) or name not in vector:
+        raise StoreUnavailableError(f"the vector store returned no {name!r} vector for a point")
+    return list(vector[name])
 
 
 class _OwnerLock:
@@ -393,7 +606,7 @@ def open_store(settings: Settings) -> VectorStore:
         # no version check: it is a request at construction that warns instead of failing; the
         # list_collections() below is the check that matters (reachable, and answering)
         client = QdrantClient(url=url, api_key=settings.qdrant_api_key, timeout=30, check_compatibility=False)
-        store = VectorStore(client, url, embedded=False)
+        store = VectorStore(client, url, embedded=False, neighbours=settings.gallery_neighbours)
         try:
             store.list_collections()  # the client connects lazily: fail here, with the fix, not mid-ingest
         except StoreUnavailableError as exc:
@@ -424,6 +637,8 @@ def open_store(settings: Settings) -> VectorStore:
     except BaseException:
         owner.release()
         raise
-    store = VectorStore(client, str(path.resolve()), embedded=True, owner=owner)
+    store = VectorStore(
+        client, str(path.resolve()), embedded=True, owner=owner, neighbours=settings.gallery_neighbours
+    )
     store.speed_up_local_writes()
     return store

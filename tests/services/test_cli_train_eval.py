@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from encoder.checkpoint import load_checkpoint
 from encoder.embedder import load_embedder
+from encoder.evaluate import evaluate_dataset
 from services.cli import app
 from tests.encoder.test_train import small_set
 
@@ -45,6 +47,21 @@ def test_train_to_a_folder_then_eval_writes_the_documented_json(sketchy: Path, t
     for key in ("acc@1", "acc@3", "acc@5", "acc@10"):
         assert 0.0 <= report["instance"][key] <= 1.0
     assert report["category"]["mAP@all"] > 0
+
+    # eval ranks as search does (photos blended with their nearest photos); 0 ranks by the embeddings alone
+    assert re.search(r"gallery neighbours\s+5\n", result.output)
+    plain_path = tmp_path / "plain.json"
+    result = runner.invoke(
+        app, ["eval", str(data), "--model", str(out_dir), "--gallery-neighbours", "0", "--json", str(plain_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "0 (embeddings alone)" in result.output
+    embedder = load_embedder(str(out_dir))
+    for path, k in ((report_path, 5), (plain_path, 0)):
+        want = evaluate_dataset(data, embedder, neighbours=k)
+        got = json.loads(path.read_text())
+        assert got["category"]["mAP@all"] == pytest.approx(want.category["mAP@all"], abs=1e-6)  # type: ignore[index]
+        assert got["instance"]["acc@1"] == pytest.approx(want.instance["acc@1"], abs=1e-6)
 
 
 def test_eval_of_a_folder_without_the_layout_is_a_clear_error(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from services.config import Settings, get_settings
 from services.gallery import Gallery, read_model_identity
 from services.ingest import collect_photos, ingest_files
 from services.search import find_similar, read_stats, search_sketch
+from services.vector_store import GALLERY_VECTOR, PHOTO_VECTOR
 
 pytestmark = pytest.mark.integration
 
@@ -33,8 +34,9 @@ def sketch(sketchy: Path) -> Path:
 
 
 def _all_scores(gallery: Gallery, vector: np.ndarray) -> dict[str, float]:
-    points, _ = gallery.store.client.scroll(gallery.collection, limit=1000, with_vectors=True)
-    return {str(p.id): float(np.dot(vector, np.asarray(p.vector))) for p in points}  # vectors are unit length
+    """Cosine of a query to every stored gallery vector (what search ranks by), computed here."""
+    points, _ = gallery.store.client.scroll(gallery.collection, limit=1000, with_vectors=[GALLERY_VECTOR])
+    return {str(p.id): float(np.dot(vector, np.asarray(p.vector[GALLERY_VECTOR]))) for p in points}  # type: ignore[index]
 
 
 def test_top_k_is_the_k_best_in_order(filled: Gallery, sketch: Path) -> None:
@@ -79,6 +81,10 @@ def test_similar_excludes_the_photo_itself(filled: Gallery, photos_dir: Path) ->
     assert len(by_file) == 23 and str(photo.resolve()) not in {h.path for h in by_file}
     by_id = find_similar(filled, by_file[0].id, top_k=3)
     assert by_file[0].id not in {h.id for h in by_id}
+    # the stored photo queries with its own embedding against the gallery vectors, as a sketch would
+    own = filled.store.read_vectors(filled.collection, [by_file[0].id], PHOTO_VECTOR)[0]
+    expected = sorted((v for i, v in _all_scores(filled, own).items() if i != by_file[0].id), reverse=True)[:3]
+    assert np.allclose([h.score for h in by_id], expected, atol=1e-4)
 
 
 def test_stats_counts_the_active_collection(filled: Gallery, settings: Settings) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from qdrant_client import models
 
+from encoder.neighbours import blend_gallery
 from services.config import Settings
 from services.errors import (
     DimensionMismatchError,
@@ -21,6 +22,8 @@ from services.errors import (
 )
 from services.vector_store import (
     GALLERY_ALIAS,
+    GALLERY_VECTOR,
+    PHOTO_VECTOR,
     PhotoRecord,
     VectorStore,
     collection_name,
@@ -54,15 +57,15 @@ def test_photo_id_comes_from_the_hash() -> None:
 
 def test_collection_per_model_and_alias_follows_the_active_one(store: VectorStore) -> None:
     first = store.ensure_collection("model-a-v1-0001", 8)
-    assert first == collection_name("model-a-v1-0001", 8)
-    assert "model-a-v1-0001" in first and "8" in first
+    assert first == collection_name("model-a-v1-0001", 8, store.neighbours)
+    assert "model-a-v1-0001" in first and "d8" in first and f"n{store.neighbours}" in first
     assert store.alias_target(GALLERY_ALIAS) == first
     second = store.ensure_collection("model-b-v1-0002", 16)
     assert store.alias_target(GALLERY_ALIAS) == second
     assert set(store.list_collections()) == {first, second}
     info = store.client.get_collection(second).config.params.vectors
-    assert isinstance(info, models.VectorParams)
-    assert info.size == 16 and info.distance == models.Distance.COSINE
+    assert isinstance(info, dict) and set(info) == {PHOTO_VECTOR, GALLERY_VECTOR}
+    assert all(v.size == 16 and v.distance == models.Distance.COSINE for v in info.values())
 
 
 def test_upsert_is_idempotent_and_ids_can_be_checked(store: VectorStore) -> None:
@@ -78,16 +81,24 @@ def test_upsert_is_idempotent_and_ids_can_be_checked(store: VectorStore) -> None
 
 
 def test_dimension_mismatch_is_refused_and_never_written(store: VectorStore) -> None:
-    name = collection_name("model-a-v1-0001", 8)
+    name = collection_name("model-a-v1-0001", 8, store.neighbours)
     # a collection of the right name but the wrong size (built by hand, or by another tool)
-    store.client.create_collection(
-        name, vectors_config=models.VectorParams(size=4, distance=models.Distance.COSINE)
-    )
+    params = models.VectorParams(size=4, distance=models.Distance.COSINE)
+    store.client.create_collection(name, vectors_config={PHOTO_VECTOR: params, GALLERY_VECTOR: params})
     with pytest.raises(DimensionMismatchError, match="SKETCHSEARCH_MODEL") as err:
         store.ensure_collection("model-a-v1-0001", 8)
     assert "4-dimensional" in str(err.value) and "8 dimensions" in str(err.value)
     with pytest.raises(DimensionMismatchError):
         store.find_collection("model-a-v1-0001", 8)
+    assert store.count_photos(name) == 0
+
+
+def test_a_collection_of_another_layout_is_refused(store: VectorStore) -> None:
+    # one unnamed vector per point: what sketchsearch wrote before gallery vectors, or another tool
+    name = collection_name("model-a-v1-0001", 8, store.neighbours)
+    store.client.create_collection(name, vectors_config=models.VectorParams(size=8, distance=models.Distance.COSINE))
+    with pytest.raises(DimensionMismatchError, match="another layout"):
+        store.ensure_collection("model-a-v1-0001", 8)
     assert store.count_photos(name) == 0
 
 
@@ -107,6 +118,114 @@ def test_category_counts_and_filter(store: VectorStore) -> None:
     assert store.count_categories(name) == {"dog": 4, "cat": 3}
     hits = store.search(name, va[0], limit=10, category="cat")
     assert {h.category for h in hits} == {"cat"} and len(hits) == 3
+
+
+def _clustered(n: int, dim: int, seed: int) -> tuple[list[PhotoRecord], np.ndarray]:
+    """n unit vectors in a few tight-ish clusters (as photos of a few categories), with records."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(6, dim))
+    vectors = centres[rng.integers(0, 6, size=n)] + 0.6 * rng.normal(size=(n, dim))
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    records = [
+        PhotoRecord(photo_id(hashlib.sha256(f"{seed}-{i}".encode()).hexdigest()), f"/p/{i}.jpg", "c", "", 1, 1, "")
+        for i in range(n)
+    ]
+    return records, vectors
+
+
+@pytest.mark.filterwarnings("ignore:Payload indexes have no effect")  # the server path asks local mode for one
+@pytest.mark.parametrize("path", ["embedded index", "server queries"])
+def test_gallery_vectors_are_the_whole_gallery_blend_whatever_the_batches(store: VectorStore, path: str) -> None:
+    records, vectors = _clustered(70, 8, seed=3)
+    ids = [r.id for r in records]
+    expected = blend_gallery(vectors, store.neighbours)
+    assert store.neighbours == 5 and not np.allclose(expected, vectors, atol=1e-3)
+    name = store.ensure_collection("model-a-v1-0001", 8)
+    # a server's stores blend through queries and payload floors: the same client code runs on local mode
+    store.embedded = path == "embedded index"
+    order = np.random.default_rng(0).permutation(len(records))
+    for start in range(0, len(order), 9):  # batches of 9 in a shuffled order, as ingestion jobs arrive
+        rows = order[start : start + 9]
+        store.upsert_photos(name, [records[i] for i in rows], vectors[rows])
+    assert np.allclose(store.read_vectors(name, ids, PHOTO_VECTOR), vectors, atol=1e-6)
+    assert np.allclose(store.read_vectors(name, ids), expected, atol=1e-5)
+    # search ranks by the gallery vectors
+    hits = store.search(name, vectors[0], limit=70)
+    assert [h.id for h in hits[:10]] == [ids[i] for i in np.argsort(-(expected @ vectors[0]))[:10]]
+    assert np.allclose(sorted((h.score for h in hits), reverse=True), np.sort(expected @ vectors[0])[::-1], atol=1e-5)
+    # one batch of everything gives the same vectors; so does writing it all again
+    again = store.ensure_collection("model-b-v1-0002", 8)
+    store.upsert_photos(again, records, vectors)
+    store.upsert_photos(again, records, vectors)
+    assert np.allclose(store.read_vectors(again, ids), expected, atol=1e-5)
+
+
+def test_a_new_owner_mends_gallery_vectors_left_stale(settings: Settings) -> None:
+    records, vectors = _clustered(30, 8, seed=5)
+    ids = [r.id for r in records]
+    with open_store(settings) as first:
+        name = first.ensure_collection("model-a-v1-0001", 8)
+        first.upsert_photos(name, records[:29], vectors[:29])
+        # as if a process died after writing a batch but before blending its neighbours again
+        first.client.update_vectors(
+            name, points=[models.PointVectors(id=ids[0], vector={GALLERY_VECTOR: vectors[0].tolist()})]
+        )
+    with open_store(settings) as second:
+        second.upsert_photos(name, records[29:], vectors[29:])
+        assert np.allclose(second.read_vectors(name, ids), blend_gallery(vectors, second.neighbours), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Payload indexes have no effect")
+def test_on_a_server_a_photo_written_but_never_blended_is_not_counted_as_stored(store: VectorStore) -> None:
+    records, vectors = _clustered(12, 8, seed=6)
+    name = store.ensure_collection("model-a-v1-0001", 8)
+    store.embedded = False  # the server path, on local mode
+    store.upsert_photos(name, records[:11], vectors[:11])
+    # as if a worker died between writing the last photo and blending it: no floor in its payload
+    last = records[11]
+    store.client.upsert(
+        name,
+        points=[
+            models.PointStruct(
+                id=last.id,
+                vector={PHOTO_VECTOR: vectors[11].tolist(), GALLERY_VECTOR: vectors[11].tolist()},
+                payload=last.payload(),
+            )
+        ],
+    )
+    assert store.existing_ids(name, [r.id for r in records]) == {r.id for r in records[:11]}
+    store.upsert_photos(name, [last], vectors[11:])  # the batch done again
+    assert store.existing_ids(name, [r.id for r in records]) == {r.id for r in records}
+    assert np.allclose(store.read_vectors(name, [r.id for r in records]), blend_gallery(vectors, 5), atol=1e-5)
+
+
+def test_a_gallery_of_another_layout_or_neighbour_count_says_to_ingest_again(store: VectorStore) -> None:
+    store.neighbours = 3
+    store.ensure_collection("model-a-v1-0001", 8)
+    store.neighbours = 5
+    with pytest.raises(GalleryNotFoundError, match=r"SKETCHSEARCH_GALLERY_NEIGHBOURS \(3, now 5\)"):
+        store.find_collection("model-a-v1-0001", 8)
+    # a collection written before gallery vectors: one unnamed vector, the old name, the alias on it
+    old = "photos-model-a-v1-0001-d8"
+    store.client.create_collection(old, vectors_config=models.VectorParams(size=8, distance=models.Distance.COSINE))
+    store.client.update_collection_aliases(
+        change_aliases_operations=[
+            models.DeleteAliasOperation(delete_alias=models.DeleteAlias(alias_name=GALLERY_ALIAS)),
+            models.CreateAliasOperation(create_alias=models.CreateAlias(collection_name=old, alias_name=GALLERY_ALIAS)),
+        ]
+    )
+    with pytest.raises(GalleryNotFoundError, match="before photos had gallery vectors.*sketchsearch ingest"):
+        store.find_collection("model-a-v1-0001", 8)
+
+
+def test_no_gallery_neighbours_is_its_own_collection_of_plain_embeddings(store: VectorStore) -> None:
+    records, vectors = _clustered(20, 8, seed=4)
+    blended = store.ensure_collection("model-a-v1-0001", 8)
+    store.neighbours = 0
+    plain = store.ensure_collection("model-a-v1-0001", 8)
+    assert plain != blended and plain.endswith("-n0")
+    store.upsert_photos(plain, records, vectors)
+    assert np.allclose(store.read_vectors(plain, [r.id for r in records]), vectors, atol=1e-6)
 
 
 _HOLDER = textwrap.dedent(

@@ -37,7 +37,7 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 300.0) -> subpro
 def _stored_ids(home: Path, model_id: str, dim: int) -> tuple[int, set[str]]:
     """Open the embedded store (the worker must be gone) and read what the model's collection holds."""
     with open_store(Settings(home=home)) as store:
-        name = collection_name(model_id, dim)
+        name = collection_name(model_id, dim, store.neighbours)
         points, _ = store.client.scroll(name, limit=10_000, with_payload=False)
         return store.count_photos(name), {str(p.id) for p in points}
 
