@@ -55,12 +55,21 @@ def blend_gallery(photos: np.ndarray, k: int, power: float = BLEND_POWER) -> np.
     photos = np.asarray(photos, dtype=np.float32)
     if k <= 0 or len(photos) < 2:
         return photos.copy()
-    out = np.empty_like(photos)
-    for start in range(0, len(photos), _CHUNK):
-        rows = np.arange(start, min(start + _CHUNK, len(photos)))
-        index, scores = nearest_others(photos[rows], photos, k, exclude=rows)
-        out[rows] = blend_neighbours(photos[rows], photos[index], scores, power)
-    return out
+    return _blend_rows(photos, np.arange(len(photos)), k, power)[0]
+
+
+def _blend_rows(photos: np.ndarray, rows: np.ndarray, k: int, power: float) -> tuple[np.ndarray, np.ndarray]:
+    """The gallery vectors of photos[rows] within all of photos, and each one's floor: the cosine of its k-th
+    nearest other photo (-inf with fewer than k others, so that any photo added later is a neighbour)."""
+    out = np.empty((len(rows), photos.shape[1]), dtype=np.float32)
+    floors = np.full(len(rows), -np.inf, dtype=np.float32)
+    for start in range(0, len(rows), _CHUNK):
+        chunk = rows[start : start + _CHUNK]
+        index, scores = nearest_others(photos[chunk], photos, k, exclude=chunk)
+        out[start : start + len(chunk)] = blend_neighbours(photos[chunk], photos[index], scores, power)
+        if scores.shape[1] == k:
+            floors[start : start + len(chunk)] = scores[:, -1]
+    return out, floors
 
 
 class NeighbourIndex:
@@ -78,9 +87,6 @@ class NeighbourIndex:
         self._row: dict[str, int] = {}
         self.vectors = np.zeros((0, dim), dtype=np.float32)
         self.floors = np.zeros(0, dtype=np.float32)
-
-    def __len__(self) -> int:
-        return len(self.ids)
 
     def add(self, ids: list[str], vectors: np.ndarray) -> tuple[list[str], np.ndarray]:
         """Add (or overwrite, by id) photos; returns the ids whose gallery vectors are new or changed, the added
@@ -110,17 +116,6 @@ class NeighbourIndex:
             # (a margin: this product may round the k-th cosine differently from the one that set the floor)
             reach = (self.vectors[:old] @ probes.T).max(axis=1) >= self.floors[:old] - 1e-5
             others.update(int(r) for r in np.flatnonzero(reach))
-        order = written + sorted(others.difference(written))
-        return [self.ids[r] for r in order], self._blend_rows(np.array(order, dtype=int))
-
-    def _blend_rows(self, rows: np.ndarray) -> np.ndarray:
-        out = np.empty((len(rows), self.vectors.shape[1]), dtype=np.float32)
-        for start in range(0, len(rows), _CHUNK):
-            chunk = rows[start : start + _CHUNK]
-            index, scores = nearest_others(self.vectors[chunk], self.vectors, self.k, exclude=chunk)
-            out[start : start + len(chunk)] = blend_neighbours(
-                self.vectors[chunk], self.vectors[index], scores, self.power
-            )
-            # fewer than k others: any photo added later is a neighbour
-            self.floors[chunk] = scores[:, -1] if scores.shape[1] == self.k else -np.inf
-        return out
+        order = np.array(written + sorted(others.difference(written)), dtype=int)
+        blended, self.floors[order] = _blend_rows(self.vectors, order, self.k, self.power)
+        return [self.ids[r] for r in order], blended

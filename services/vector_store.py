@@ -347,10 +347,11 @@ class VectorStore:
                 ),
                 wait=True,
             )
-        if others[0]:
-            self._write_gallery_vectors(collection, *others)
-        elif self.neighbours > 0 and not self.embedded:
-            self.blend_by_queries(collection, ids)
+        if self.embedded:
+            if others[0]:
+                self._write_gallery_vectors(collection, *others)
+        elif self.neighbours > 0:
+            self._blend_by_queries(collection, ids)
 
     def _write_gallery_vectors(self, collection: str, ids: Sequence[str], vectors: np.ndarray) -> None:
         with self._op(f"write {collection}"):
@@ -398,7 +399,7 @@ class VectorStore:
         self._indexes[collection] = index
         return index
 
-    def blend_by_queries(self, collection: str, new_ids: Sequence[str]) -> int:
+    def _blend_by_queries(self, collection: str, new_ids: Sequence[str]) -> int:
         """A server's way to bring the gallery vectors up to date after new_ids were written (several workers
         may write, so no process holds the whole gallery): blend each new photo with its k nearest photos, and
         blend again every photo that a new one joins among its k nearest, as its payload floor says. Returns
