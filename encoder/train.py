@@ -41,6 +41,7 @@ from encoder.model import (
     load_imagenet_weights,
     pool_grid,
 )
+from encoder.neighbours import blend_gallery
 from encoder.preprocess import (
     Preprocessing,
     _normalise,
@@ -114,6 +115,10 @@ class TrainConfig:
     whiten_shrink: float = 0.1  # share of the mean eigenvalue added to each eigenvalue before whitening
     select_best: bool = True  # keep the epoch with the best validation score (False: the last epoch)
     threshold: float | None = None  # stored score threshold; None: calibrated on the first validation set
+    # the threshold is calibrated (and the final validation measured once more) on gallery vectors, each photo
+    # blended with this many nearest photos, because search and eval rank by them by default
+    # (SKETCHSEARCH_GALLERY_NEIGHBOURS): blended scores run about 0.04 higher (docs/BENCHMARKS.md); 0: embeddings
+    gallery_neighbours: int = 5
     cache_dir: str = ""  # reuse frozen-front outputs across runs (keyed by model, block, views, seed, images)
     pseudo_dirs: list[str] = field(default_factory=list)  # HED pseudo-sketches, <dir>/<category>/<stem>.png
     pseudo_per_epoch: int = 1000  # pseudo-sketch pairs mixed into each epoch
@@ -773,12 +778,14 @@ def train(
             chosen = deferred
         return batches
 
-    def validate() -> dict[str, Any]:
+    def validate(neighbours: int = 0) -> dict[str, Any]:
         stages.set_train(False)
         results = {}
         for v, vs, vp in val_caches:
             results[str(v.root.name)] = retrieval_metrics(
-                embed_cache(stages, vs, "sketch", device), embed_cache(stages, vp, "photo", device), v
+                embed_cache(stages, vs, "sketch", device),
+                blend_gallery(embed_cache(stages, vp, "photo", device), neighbours),
+                v,
             )
         return results
 
@@ -920,12 +927,11 @@ def train(
         )
         unjoined_val, final_val = final_val, validate()
         logger.info("pooled vector joined (weight %.2f): val %s", cfg.pooled_weight, _summary(final_val))
+    gallery_val = validate(cfg.gallery_neighbours) if cfg.gallery_neighbours > 0 else {}
     model.to("cpu").eval()
     threshold = cfg.threshold
-    for r in final_val.values():
-        if threshold is None:
-            threshold = r["threshold"]["value"]
-        break
+    if threshold is None:
+        threshold = _calibrated_threshold(gallery_val or final_val)
     ckpt = Checkpoint(
         name=cfg.name or f"sketchsearch-{cfg.model}",
         config=mcfg,
@@ -935,6 +941,8 @@ def train(
             "validation": final_val,
             **({"validation_unwhitened": raw_val} if raw_val else {}),
             **({"validation_unjoined": unjoined_val} if unjoined_val else {}),
+            **({"validation_gallery": gallery_val} if gallery_val else {}),
+            "threshold_neighbours": cfg.gallery_neighbours,
             "best_epoch": best_epoch,
             "initial_probe_loss": initial_loss,
             "history": [
@@ -971,6 +979,13 @@ def _summary(results: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def _calibrated_threshold(validation: dict[str, Any]) -> float | None:
+    """The threshold calibrated on the first validation set (None when there is none)."""
+    for r in validation.values():
+        return float(r["threshold"]["value"])
+    return None
+
+
 def _validation_sets(
     sets: list[SketchyDataset], exclude: set[str], val_dirs: list[Path] | None, threshold: float | None
 ) -> list[SketchyDataset]:
@@ -986,18 +1001,22 @@ def _validation_sets(
     return val_sets
 
 
-def _validate_checkpoint(ckpt: Checkpoint, val_sets: list[SketchyDataset]) -> dict[str, Any]:
-    """Validated like train(): the held-out categories of the data first, then the extra folders."""
+def _validate_checkpoint(
+    ckpt: Checkpoint, val_sets: list[SketchyDataset], neighbours: int = 0
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validated like train(): the held-out categories of the data first, then the extra folders; by the photo
+    embeddings, then (empty when neighbours is 0) by gallery vectors blended with `neighbours` nearest photos."""
     from encoder.embedder import Embedder
     from encoder.evaluate import embed_gallery
 
     embedder = Embedder(ckpt)
-    return {
-        str(v.root.name): retrieval_metrics(
-            embedder.embed_sketches([s.path for s in v.sketches]), embed_gallery(embedder, v), v
-        )
-        for v in val_sets
-    }
+    plain, blended = {}, {}
+    for v in val_sets:
+        sketches, photos = embedder.embed_sketches([s.path for s in v.sketches]), embed_gallery(embedder, v)
+        plain[str(v.root.name)] = retrieval_metrics(sketches, photos, v)
+        if neighbours > 0:
+            blended[str(v.root.name)] = retrieval_metrics(sketches, blend_gallery(photos, neighbours), v)
+    return plain, blended
 
 
 def whiten_checkpoint(
@@ -1008,13 +1027,14 @@ def whiten_checkpoint(
     holdout: list[str] | None = None,
     val_dirs: list[Path] | None = None,
     threshold: float | None = None,
+    neighbours: int = 5,
 ) -> Checkpoint:
     """Fit whitening for an already trained checkpoint on its training data, as `train` does after its last epoch.
 
     The sketches are the human ones with their photo in the data, the photos all photos of the data (minus the
     `holdout` categories). The held-out categories, then `val_dirs`, are evaluated afterwards; the first of them
-    calibrates the threshold unless one is given. Returns a new checkpoint (a new model id); the input is left as
-    it is.
+    calibrates the threshold (on gallery vectors of `neighbours` nearest photos, as `train` does) unless one is
+    given. Returns a new checkpoint (a new model id); the input is left as it is.
     """
     from encoder.embedder import Embedder
 
@@ -1044,8 +1064,9 @@ def whiten_checkpoint(
     assert isinstance(model, SketchPhotoEncoder)
     model.set_whitening(torch.from_numpy(mean), torch.from_numpy(matrix))
     return _refitted(
-        ckpt, model, {"whiten_power": power, "whiten_shrink": shrink}, val_sets, threshold, "validation_unwhitened",
-        "whitening", {"power": power, "shrink": shrink, **_fit_record(data_dirs, exclude, sketches, photos)},
+        ckpt, model, {"whiten_power": power, "whiten_shrink": shrink}, val_sets, threshold, neighbours,
+        "validation_unwhitened", "whitening",
+        {"power": power, "shrink": shrink, **_fit_record(data_dirs, exclude, sketches, photos)},
     )
 
 
@@ -1066,24 +1087,28 @@ def _refitted(
     settings: dict[str, Any],
     val_sets: list[SketchyDataset],
     threshold: float | None,
+    neighbours: int,
     before_key: str,
     record_key: str,
     record: dict[str, Any],
 ) -> Checkpoint:
     """The checkpoint of `model` after a fit on the training data (whitening, the join): validated, its threshold
-    calibrated on the first validation set unless one is given. The old validation would read as this model's,
-    so it moves aside under `before_key`."""
+    calibrated on the first validation set (on gallery vectors when `neighbours` > 0) unless one is given. The old
+    validation would read as this model's, so it moves aside under `before_key`."""
     refitted = replace(
-        ckpt, config=model.cfg, state_dict=inference_state(model), train_config={**ckpt.train_config, **settings}
+        ckpt, config=model.cfg, state_dict=inference_state(model),
+        train_config={**ckpt.train_config, **settings, "gallery_neighbours": neighbours},
     )
-    validation = _validate_checkpoint(refitted, val_sets)
+    validation, gallery_validation = _validate_checkpoint(refitted, val_sets, neighbours)
     return replace(
         refitted,
-        threshold=threshold if threshold is not None else next(iter(validation.values()))["threshold"]["value"],
+        threshold=threshold if threshold is not None else _calibrated_threshold(gallery_validation or validation),
         metrics={
-            **{k: v for k, v in ckpt.metrics.items() if k != "validation"},
+            **{k: v for k, v in ckpt.metrics.items() if k not in ("validation", "validation_gallery")},
             before_key: ckpt.metrics.get("validation", {}),
             **({"validation": validation} if validation else {}),
+            **({"validation_gallery": gallery_validation} if gallery_validation else {}),
+            "threshold_neighbours": neighbours,
             record_key: record,
         },
     )
@@ -1122,11 +1147,13 @@ def join_pooled_checkpoint(
     holdout: list[str] | None = None,
     val_dirs: list[Path] | None = None,
     threshold: float | None = None,
+    neighbours: int = 5,
 ) -> Checkpoint:
     """Join the trunk's centred pooled vector to an already trained checkpoint's embedding, as `train` does with
     --pooled-weight: the means (and basis) are fitted on the training data like the whitening (human sketches
     with their photo, every photo), then the held-out categories and `val_dirs` are evaluated and the first
-    calibrates the threshold unless one is given. Returns a new checkpoint (a new id, wider vectors)."""
+    calibrates the threshold (on gallery vectors of `neighbours` nearest photos) unless one is given. Returns a new
+    checkpoint (a new id, wider vectors)."""
     if ckpt.config.arch not in LITE_SCALING or ckpt.config.embed_dim == 0:
         raise SketchSearchError(f"{ckpt.model_id}: only trained EfficientNet-Lite models can join the pooled vector")
     if ckpt.config.pooled_weight > 0:
@@ -1152,6 +1179,7 @@ def join_pooled_checkpoint(
         None if basis is None else torch.from_numpy(basis), weight,
     )
     return _refitted(
-        ckpt, model, {"pooled_weight": weight, "pooled_dims": dims}, val_sets, threshold, "validation_unjoined",
-        "pooled_join", {"weight": weight, "dims": dims, **_fit_record(data_dirs, exclude, sketches, photos)},
+        ckpt, model, {"pooled_weight": weight, "pooled_dims": dims}, val_sets, threshold, neighbours,
+        "validation_unjoined", "pooled_join",
+        {"weight": weight, "dims": dims, **_fit_record(data_dirs, exclude, sketches, photos)},
     )

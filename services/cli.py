@@ -41,6 +41,19 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log prog
     )
 
 
+# the ranking a stored threshold is calibrated for (train, whiten, join-pooled); eval and search rank the same way
+CalibrationNeighbours = Annotated[
+    int | None,
+    typer.Option(
+        "--gallery-neighbours",
+        min=0,
+        max=64,
+        help="Calibrate the threshold on photos blended with their K nearest photos, as search and eval rank "
+        "(default: SKETCHSEARCH_GALLERY_NEIGHBOURS, 5); 0: on the photo embeddings alone.",
+    ),
+]
+
+
 @app.command("train")
 def train_command(
     data_dirs: Annotated[list[Path], typer.Argument(help="Sketchy-layout folder(s), or a folder holding several.")],
@@ -138,6 +151,7 @@ def train_command(
     whiten_shrink: Annotated[
         float, typer.Option(help="Share of the mean eigenvalue added to each before whitening.")
     ] = 0.1,
+    gallery_neighbours: CalibrationNeighbours = None,
 ) -> None:
     """Train a model; the checkpoint holds weights, config, preprocessing and validation metrics."""
     from encoder.train import TrainConfig, train
@@ -157,6 +171,7 @@ def train_command(
         frozen_photo_trunk=frozen_photo_trunk, pooled_weight=pooled_weight, pooled_dims=pooled_dims,
         pooled_ce_weight=pooled_ce_weight, joined_loss=joined_loss is not False,
         whiten_power=whiten_power, whiten_shrink=whiten_shrink,
+        gallery_neighbours=_settings().gallery_neighbours if gallery_neighbours is None else gallery_neighbours,
     )
     if out.suffix != ".pt":
         out = out / "model.pt"
@@ -169,10 +184,8 @@ def train_command(
     except SketchSearchError as exc:
         _fail(exc)
         return
-    typer.echo(f"saved {out} ({ckpt.model_id})")
-    for set_name, res in (ckpt.metrics.get("validation") or {}).items():
-        inst = res["instance"]
-        typer.echo(f"validation {set_name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}")
+    typer.echo(f"saved {out} ({ckpt.model_id}), threshold {ckpt.threshold}")
+    _echo_validation(ckpt)
 
 
 # the options of the commands that refit a trained model on its training data (whiten, join-pooled)
@@ -204,6 +217,7 @@ def whiten_command(
     threshold: RefitThreshold = None,
     half: RefitHalf = False,
     refit: RefitAgain = False,
+    gallery_neighbours: CalibrationNeighbours = None,
 ) -> None:
     """Fit whitening for a trained model on its training data and write it as a new model (a new id).
 
@@ -214,7 +228,10 @@ def whiten_command(
     def start(ckpt: Checkpoint) -> Checkpoint:
         return ckpt.without_pooled_join().without_whitening() if refit else ckpt
 
-    _save_refit(whiten_checkpoint, (power, shrink), model, data_dirs, holdout, val, threshold, out, half, start)
+    _save_refit(
+        whiten_checkpoint, (power, shrink), model, data_dirs, holdout, val, threshold, gallery_neighbours, out, half,
+        start,
+    )
 
 
 def _save_refit(
@@ -225,6 +242,7 @@ def _save_refit(
     holdout: str,
     val: list[Path] | None,
     threshold: float | None,
+    neighbours: int | None,
     out: Path,
     half: bool,
     start: Callable[[Checkpoint], Checkpoint],
@@ -237,18 +255,27 @@ def _save_refit(
         ckpt = fit(
             start(load_checkpoint(model)), list(data_dirs), *settings,
             holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
+            neighbours=_settings().gallery_neighbours if neighbours is None else neighbours,
         )
         save_checkpoint(ckpt, out, half=half)
     except SketchSearchError as exc:
         _fail(exc)
         return
     typer.echo(f"saved {out} ({ckpt.model_id}, {ckpt.dim} dimensions), threshold {ckpt.threshold}")
-    for set_name, res in (ckpt.metrics.get("validation") or {}).items():
-        inst, cat = res["instance"], res["category"] or {}
-        typer.echo(
-            f"validation {set_name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}"
-            + (f" mAP@all {cat['mAP@all']:.3f}" if cat else "")
-        )
+    _echo_validation(ckpt)
+
+
+def _echo_validation(ckpt: Checkpoint) -> None:
+    """A line per validation set: by the embeddings, then by gallery vectors where the checkpoint has them."""
+    k = ckpt.metrics.get("threshold_neighbours", 0)
+    for key, label in (("validation", ""), ("validation_gallery", f" (gallery neighbours {k})")):
+        for set_name, res in (ckpt.metrics.get(key) or {}).items():
+            inst, cat = res["instance"], res["category"] or {}
+            typer.echo(
+                f"validation {set_name}{label}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}"
+                + (f" mAP@all {cat['mAP@all']:.3f}" if cat else "")
+                + (f" threshold recall {res['threshold']['recall']:.3f}" if key == "validation_gallery" else "")
+            )
 
 
 @app.command("join-pooled")
@@ -265,6 +292,7 @@ def join_pooled_command(
     threshold: RefitThreshold = None,
     half: RefitHalf = False,
     refit: RefitAgain = False,
+    gallery_neighbours: CalibrationNeighbours = None,
 ) -> None:
     """Join the trunk's centred pooled vector to a trained model's embedding and write it as a new model.
 
@@ -274,7 +302,10 @@ def join_pooled_command(
     def start(ckpt: Checkpoint) -> Checkpoint:
         return ckpt.without_pooled_join() if refit else ckpt
 
-    _save_refit(join_pooled_checkpoint, (weight, dims), model, data_dirs, holdout, val, threshold, out, half, start)
+    _save_refit(
+        join_pooled_checkpoint, (weight, dims), model, data_dirs, holdout, val, threshold, gallery_neighbours, out,
+        half, start,
+    )
 
 
 @app.command("eval")
@@ -578,6 +609,28 @@ def similar_command(
         _fail(exc)
         return
     _print_hits(hits, as_json)
+
+
+@app.command("reblend")
+def reblend_command() -> None:
+    """Blend the active model's gallery vectors again from the stored embeddings, exactly (an admin step after
+    bulk ingestion into a server, whose photo-by-photo blending is approximate; it reads the whole gallery)."""
+    from services.gallery import read_model_identity
+    from services.vector_store import open_store
+
+    settings = _settings()
+    try:
+        with open_store(settings) as store:
+            identity = read_model_identity(settings)
+            collection = store.find_collection(identity.model_id, identity.dim)
+            changed, photos = store.reblend(collection)
+    except SketchSearchError as exc:
+        _fail(exc)
+        return
+    if settings.gallery_neighbours <= 0:
+        typer.echo(f"{collection}: gallery neighbours are off (SKETCHSEARCH_GALLERY_NEIGHBOURS=0), nothing to blend")
+        return
+    typer.echo(f"{collection}: {changed} of {photos} gallery vectors blended again")
 
 
 @app.command("stats")

@@ -369,35 +369,75 @@ class VectorStore:
         stored gallery vector against the exact blend and rewrites those that differ: a process killed
         between writing a batch and blending its neighbours leaves them stale, and this mends them."""
         index = self._indexes.get(collection)
-        if index is not None:
-            return index
+        if index is None:
+            index, _ = self._read_and_mend(collection)
+            self._indexes[collection] = index
+        return index
+
+    def reblend(self, collection: str) -> tuple[int, int]:
+        """Blend every gallery vector of the collection again, exactly, from the stored embeddings, and rewrite
+        those that differ; on a server also every photo's floor. This mends what a server's query-by-query
+        blending can miss (a photo that a new photo joins among its nearest, but beyond the new photo's reach)
+        and what a killed writer left. It reads the whole collection into this process. Returns (gallery
+        vectors rewritten, photos)."""
+        if self.neighbours <= 0:
+            return 0, self.count_photos(collection)
+        with self._lock:
+            self._indexes.pop(collection, None)
+            index, stale = self._read_and_mend(collection)
+            if self.embedded:
+                self._indexes[collection] = index
+        return stale, len(index.ids)
+
+    def _read_and_mend(self, collection: str) -> tuple[NeighbourIndex, int]:
+        """Every photo of the collection blended at once; stored gallery vectors that differ from that blend are
+        rewritten (and, on a server, floors that differ from the exact ones). Returns the index and how many
+        gallery vectors were rewritten."""
         dim = self.collection_dimension(collection) or 0
         ids: list[str] = []
         photos: list[np.ndarray] = []
         stored: list[np.ndarray] = []
+        floors: list[float] = []
         offset: Any = None
         with self._op(f"read {collection}"):
             while True:
                 points, offset = self.client.scroll(
-                    collection, limit=1024, offset=offset, with_payload=False, with_vectors=True
+                    collection, limit=1024, offset=offset, with_payload=False if self.embedded else [FLOOR_KEY],
+                    with_vectors=True,
                 )
                 ids.extend(str(p.id) for p in points)
+                floors.extend(float((p.payload or {}).get(FLOOR_KEY, np.nan)) for p in points)
                 for rows, name in ((photos, PHOTO_VECTOR), (stored, GALLERY_VECTOR)):
                     page = [_named(p.vector, name) for p in points]
                     rows.append(np.asarray(page, dtype=np.float32).reshape(len(points), dim))
                 if offset is None:
                     break
         index = NeighbourIndex(self.neighbours, dim)
-        if ids:
-            t0 = time.perf_counter()
-            _, blended = index.add(ids, np.concatenate(photos))
-            stale = np.flatnonzero(np.abs(blended - np.concatenate(stored)).max(axis=1) > 1e-4)
-            logger.info("%s: %d photos read and blended in %.1f s", collection, len(ids), time.perf_counter() - t0)
-            if len(stale):
-                logger.warning("%s: %d gallery vectors were stale, blended again", collection, len(stale))
-                self._write_gallery_vectors(collection, [ids[i] for i in stale], blended[stale])
-        self._indexes[collection] = index
-        return index
+        if not ids:
+            return index, 0
+        t0 = time.perf_counter()
+        _, blended = index.add(ids, np.concatenate(photos))
+        stale = np.flatnonzero(np.abs(blended - np.concatenate(stored)).max(axis=1) > 1e-4)
+        logger.info("%s: %d photos read and blended in %.1f s", collection, len(ids), time.perf_counter() - t0)
+        if len(stale):
+            logger.warning("%s: %d gallery vectors were stale, blended again", collection, len(stale))
+            self._write_gallery_vectors(collection, [ids[i] for i in stale], blended[stale])
+        if not self.embedded:
+            exact = np.where(np.isinf(index.floors), _NO_FLOOR, index.floors)
+            # NaN (no floor: written but never blended) differs from every exact floor
+            moved = np.flatnonzero(~(np.abs(exact - np.asarray(floors)) <= 1e-6))
+            self._write_floors(collection, [ids[i] for i in moved], exact[moved])
+        return index, len(stale)
+
+    def _write_floors(self, collection: str, ids: Sequence[str], floors: np.ndarray) -> None:
+        with self._op(f"write {collection}"):
+            for start in range(0, len(ids), _RETRIEVE_CHUNK):
+                operations: list[Any] = [
+                    models.SetPayloadOperation(set_payload=models.SetPayload(payload={FLOOR_KEY: float(f)}, points=[i]))
+                    for i, f in zip(ids[start : start + _RETRIEVE_CHUNK], floors[start : start + _RETRIEVE_CHUNK],
+                                    strict=True)
+                ]
+                self.client.batch_update_points(collection, update_operations=operations, wait=True)
 
     def _blend_by_queries(self, collection: str, new_ids: Sequence[str]) -> int:
         """A server's way to bring the gallery vectors up to date after new_ids were written (several workers

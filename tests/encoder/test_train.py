@@ -136,6 +136,10 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
     # then the pooled vector joined, validated once more: 8 principal directions beside the 512-d embedding
     assert ckpt.config.pooled_weight == 0.5 and ckpt.dim == 520
     assert ckpt.metrics["validation"]["data"]["threshold"]["value"] != after["threshold"]["value"]
+    # the stored threshold is calibrated on gallery vectors (5 neighbours, the default), as eval and search rank
+    gallery = ckpt.metrics["validation_gallery"]["data"]
+    assert ckpt.metrics["threshold_neighbours"] == 5 and ckpt.threshold == gallery["threshold"]["value"]
+    assert gallery["threshold"]["value"] != ckpt.metrics["validation"]["data"]["threshold"]["value"]
 
     # the checkpoint loads with weights_only=True and rebuilds the same model, the same id, the same outputs
     raw = torch.load(out, map_location="cpu", weights_only=True)

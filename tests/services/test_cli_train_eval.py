@@ -116,7 +116,9 @@ def test_train_command_defaults_are_the_train_config_defaults() -> None:
     }
     checked = 0
     for name, param in inspect.signature(train_command).parameters.items():
-        if param.default is inspect.Parameter.empty or name in ("threshold", "cache_dir", "out", "name", "val"):
+        if param.default is inspect.Parameter.empty or name in (
+            "threshold", "cache_dir", "out", "name", "val", "gallery_neighbours"
+        ):
             continue
         target, convert = renamed.get(name, (name, lambda v: v))
         if target in fields:
@@ -125,6 +127,10 @@ def test_train_command_defaults_are_the_train_config_defaults() -> None:
     assert checked >= 15
     assert fields["epochs"] == 24 and fields["embed_dim"] == 512 and fields["ce_weight"] == 1.0
     assert fields["whiten_power"] == 0.25 and fields["joined_loss"] is True
+    # --gallery-neighbours defaults to the setting search and eval rank with, which TrainConfig restates
+    from services.config import Settings
+
+    assert fields["gallery_neighbours"] == Settings.model_fields["gallery_neighbours"].default == 5
 
 
 def test_train_refuses_the_joined_loss_without_a_join(tmp_path: Path) -> None:
@@ -161,7 +167,11 @@ def test_whiten_fits_a_new_model_and_refuses_to_whiten_twice(sketchy: Path, tmp_
     assert white.metrics["whitening"]["sketches"] == 8 and white.metrics["whitening"]["photos"] == 8
     assert set(white.metrics["validation"]) == {"data"}
     assert white.metrics["validation"]["data"]["instance"]["queries"] == 4
-    assert white.threshold == white.metrics["validation"]["data"]["threshold"]["value"]
+    # calibrated on gallery vectors (5 neighbours, the setting's default), as eval ranks; validated both ways
+    gallery = white.metrics["validation_gallery"]["data"]
+    assert white.metrics["threshold_neighbours"] == 5 and white.threshold == gallery["threshold"]["value"]
+    assert gallery["threshold"]["value"] != white.metrics["validation"]["data"]["threshold"]["value"]
+    assert "(gallery neighbours 5)" in result.output
     assert load_checkpoint(source).config.whiten is False  # the input is left as it was
 
     again = runner.invoke(app, ["whiten", str(data), "--model", str(out), "--out", str(tmp_path / "twice.pt")])
@@ -195,7 +205,7 @@ def test_join_pooled_writes_a_wider_model_and_refuses_to_join_twice(sketchy: Pat
     result = runner.invoke(
         app,
         ["join-pooled", str(data), "--model", str(source), "--holdout", "chair", "--weight", "0.75", "--dims", "6",
-         "--out", str(out)],
+         "--gallery-neighbours", "0", "--out", str(out)],
     )
     assert result.exit_code == 0, result.output
     joined = load_checkpoint(out)
@@ -204,7 +214,9 @@ def test_join_pooled_writes_a_wider_model_and_refuses_to_join_twice(sketchy: Pat
     assert joined.train_config["pooled_weight"] == 0.75 and joined.metrics["pooled_join"]["holdout"] == ["chair"]
     # fitted on the 8 paired sketches and 8 readable photos of the other two categories, validated on the held-out one
     assert joined.metrics["pooled_join"]["sketches"] == 8 and joined.metrics["pooled_join"]["photos"] == 8
+    # --gallery-neighbours 0: calibrated on the embeddings alone
     assert joined.threshold == joined.metrics["validation"]["data"]["threshold"]["value"]
+    assert joined.metrics["threshold_neighbours"] == 0 and "validation_gallery" not in joined.metrics
     embedder = load_embedder(out, backend="onnx", cache_dir=tmp_path / "onnx")
     photos = sorted((data / "photo" / "chair").glob("*.jpg"))
     vectors = embedder.embed_photo_files(photos).vectors

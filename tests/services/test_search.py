@@ -120,6 +120,10 @@ def test_cli_search_similar_and_stats_json(settings: Settings, photos_dir: Path,
     missing = runner.invoke(app, ["similar", "00000000-0000-0000-0000-000000000000"])
     assert missing.exit_code == 2 and "no photo" in missing.output
 
+    # the embedded store blends exactly as photos arrive: reblending finds nothing to rewrite
+    reblend = runner.invoke(app, ["reblend"])
+    assert reblend.exit_code == 0 and "0 of 24 gallery vectors blended again" in reblend.output
+
     stats = json.loads(runner.invoke(app, ["stats", "--json"]).stdout)
     get_settings.cache_clear()
     assert set(stats) == {"photos", "model", "collection", "categories"}

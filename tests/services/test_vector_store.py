@@ -21,6 +21,7 @@ from services.errors import (
     StoreUnavailableError,
 )
 from services.vector_store import (
+    FLOOR_KEY,
     GALLERY_ALIAS,
     GALLERY_VECTOR,
     PHOTO_VECTOR,
@@ -173,6 +174,37 @@ def test_a_new_owner_mends_gallery_vectors_left_stale(settings: Settings) -> Non
     with open_store(settings) as second:
         second.upsert_photos(name, records[29:], vectors[29:])
         assert np.allclose(second.read_vectors(name, ids), blend_gallery(vectors, second.neighbours), atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore:Payload indexes have no effect")
+@pytest.mark.parametrize("path", ["embedded index", "server queries"])
+def test_reblend_rewrites_exactly_the_stale_gallery_vectors_and_floors(store: VectorStore, path: str) -> None:
+    records, vectors = _clustered(40, 8, seed=7)
+    ids = [r.id for r in records]
+    name = store.ensure_collection("model-a-v1-0001", 8)
+    store.embedded = path == "embedded index"
+    store.upsert_photos(name, records, vectors)
+    assert store.reblend(name) == (0, 40)  # nothing stale: nothing rewritten
+    # three gallery vectors left stale, and on a server two floors lost (written, never blended)
+    stale = [ids[3], ids[17], ids[29]]
+    store.client.update_vectors(
+        name, points=[models.PointVectors(id=i, vector={GALLERY_VECTOR: vectors[0].tolist()}) for i in stale]
+    )
+    if not store.embedded:
+        store.client.delete_payload(name, keys=[FLOOR_KEY], points=[ids[5], ids[17]])
+        assert ids[5] not in store.existing_ids(name, ids)
+    assert store.reblend(name) == (3, 40)
+    expected = blend_gallery(vectors, store.neighbours)
+    assert np.allclose(store.read_vectors(name, ids), expected, atol=1e-5)
+    if not store.embedded:
+        # every floor is the cosine of the photo's 5th nearest other photo again, so each counts as stored
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -np.inf)
+        kth = np.sort(sims, axis=1)[:, -5]
+        floors = {str(p.id): p.payload[FLOOR_KEY] for p in store.client.retrieve(name, ids, with_payload=True)}
+        assert np.allclose([floors[i] for i in ids], kth, atol=1e-5)
+        assert store.existing_ids(name, ids) == set(ids)
+    assert store.reblend(name) == (0, 40)
 
 
 @pytest.mark.filterwarnings("ignore:Payload indexes have no effect")
