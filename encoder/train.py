@@ -60,7 +60,10 @@ class TrainConfig:
     # seed | lite0 | lite1 | lite2; Lite1 found more exact photos of unseen categories than Lite0 over four seeds
     # of 24 epochs (held-out acc@1 0.23-0.28 against 0.19-0.22, acc@10 0.68-0.72 against 0.64-0.66; docs/BENCHMARKS.md)
     model: str = "lite1"
-    epochs: int = 24  # held-out mAP and shoe acc@1 kept rising to ~24 epochs on a GPU (docs/BENCHMARKS.md)
+    # 8: with the joined score, 24 epochs found fewer exact photos of unseen categories (held-out acc@1 0.241 over
+    # six seeds against 0.248-0.260 over four 8-epoch runs) for no more mAP (0.604 against 0.606-0.610), buying
+    # shoe acc@1 (about 0.41 against 0.37) at three times the cost (docs/BENCHMARKS.md, seventeenth session)
+    epochs: int = 8
     batch_size: int = 48  # sketch/photo pairs per step, distinct photos
     lr: float = 3e-4  # head
     trunk_lr: float = 1e-4  # trainable trunk blocks

@@ -58,7 +58,7 @@ CalibrationNeighbours = Annotated[
 def train_command(
     data_dirs: Annotated[list[Path], typer.Argument(help="Sketchy-layout folder(s), or a folder holding several.")],
     model: Annotated[str, typer.Option(help="seed, lite0, lite1 or lite2.")] = "lite1",
-    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 24,
+    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 8,
     out: Annotated[
         Path, typer.Option(help="Output folder (gets model.pt), or a checkpoint file name ending in .pt.")
     ] = Path("runs"),

@@ -125,7 +125,7 @@ def test_train_command_defaults_are_the_train_config_defaults() -> None:
             assert convert(param.default) == fields[target], f"--{name.replace('_', '-')}: {param.default!r}"
             checked += 1
     assert checked >= 15
-    assert fields["epochs"] == 24 and fields["embed_dim"] == 512 and fields["ce_weight"] == 1.0
+    assert fields["epochs"] == 8 and fields["embed_dim"] == 512 and fields["ce_weight"] == 1.0
     assert fields["whiten_power"] == 0.25 and fields["joined_loss"] is True
     # --gallery-neighbours defaults to the setting search and eval rank with, which TrainConfig restates
     from services.config import Settings
