@@ -171,7 +171,7 @@ def train_command(
         frozen_photo_trunk=frozen_photo_trunk, pooled_weight=pooled_weight, pooled_dims=pooled_dims,
         pooled_ce_weight=pooled_ce_weight, joined_loss=joined_loss is not False,
         whiten_power=whiten_power, whiten_shrink=whiten_shrink,
-        gallery_neighbours=_settings().gallery_neighbours if gallery_neighbours is None else gallery_neighbours,
+        gallery_neighbours=_gallery_neighbours(gallery_neighbours),
     )
     if out.suffix != ".pt":
         out = out / "model.pt"
@@ -255,7 +255,7 @@ def _save_refit(
         ckpt = fit(
             start(load_checkpoint(model)), list(data_dirs), *settings,
             holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
-            neighbours=_settings().gallery_neighbours if neighbours is None else neighbours,
+            neighbours=_gallery_neighbours(neighbours),
         )
         save_checkpoint(ckpt, out, half=half)
     except SketchSearchError as exc:
@@ -331,7 +331,7 @@ def eval_command(
     from encoder.embedder import load_embedder
     from encoder.evaluate import evaluate_dataset, format_report
 
-    neighbours = _settings().gallery_neighbours if gallery_neighbours is None else gallery_neighbours
+    neighbours = _gallery_neighbours(gallery_neighbours)
     try:
         embedder = load_embedder(None if model == "default" else model, backend=backend)
         report = evaluate_dataset(
@@ -363,6 +363,11 @@ def _settings() -> Settings:
     from services.config import get_settings
 
     return get_settings()
+
+
+def _gallery_neighbours(option: int | None) -> int:
+    """--gallery-neighbours, or the setting that search ranks with when it is not given."""
+    return _settings().gallery_neighbours if option is None else option
 
 
 def _print_summary(summary: IngestSummary, as_json: bool) -> None:

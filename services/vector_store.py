@@ -433,7 +433,7 @@ class VectorStore:
         with self._op(f"write {collection}"):
             for start in range(0, len(ids), _RETRIEVE_CHUNK):
                 operations: list[Any] = [
-                    models.SetPayloadOperation(set_payload=models.SetPayload(payload={FLOOR_KEY: float(f)}, points=[i]))
+                    _floor_operation(i, float(f))
                     for i, f in zip(ids[start : start + _RETRIEVE_CHUNK], floors[start : start + _RETRIEVE_CHUNK],
                                     strict=True)
                 ]
@@ -498,11 +498,7 @@ class VectorStore:
                     )
                 )
             )
-            updates.append(
-                models.SetPayloadOperation(
-                    set_payload=models.SetPayload(payload={FLOOR_KEY: floor}, points=[point.id])
-                )
-            )
+            updates.append(_floor_operation(point.id, floor))
         if updates:
             self.client.batch_update_points(collection, update_operations=updates, wait=True)
 
@@ -575,6 +571,11 @@ class VectorStore:
                 return {}
             response = self.client.facet(collection, key="category", limit=max(total, 1), exact=True)
         return {str(hit.value): int(hit.count) for hit in response.hits}
+
+
+def _floor_operation(point_id: Any, floor: float) -> models.SetPayloadOperation:
+    """Set one point's floor and nothing else of its payload (a concurrent write of the rest is kept)."""
+    return models.SetPayloadOperation(set_payload=models.SetPayload(payload={FLOOR_KEY: floor}, points=[point_id]))
 
 
 def _named(vector: Any, name: str) -> list[float]:
