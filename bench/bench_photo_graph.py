@@ -59,7 +59,7 @@ def main() -> None:
 
     # sub-batches: the same 32 inputs as 1, 4 or 8 calls, alternating round by round
     two = _session(path, 2)
-    subs = {32: [], 8: [], 4: []}  # type: dict[int, list[float]]
+    subs: dict[int, list[float]] = {32: [], 8: [], 4: []}
     for sub in subs:
         _rate(two, x, sub, passes=1)
     for _ in range(args.rounds):
