@@ -3,13 +3,13 @@
     .venv/bin/python bench/bench_photo_side.py MODEL [--sides 192,160,128] [--distil-epochs 3] [--speed]
 
 MODEL is a checkpoint trained without the held-out categories (as for bench_gallery_neighbours.py). Sketches are
-embedded as the model does; photos through the same weights at each side ("same weights": only the padding of the
-convolutions changes) and, with --distil-epochs N, through a copy at that side trained for N epochs to give each
-photo the vector the model gives it ("distilled": cosine loss on the photo and one mirrored random square crop of
-every photo of the 90 other categories and qmul-shoes/train, blocks from the first trained one on, the whitening
-and the pooled join held fixed). Prints acc@1 / acc@10 / mAP@all on the held-out 10 and qmul-shoes/test, by the
-embeddings (k = 0) and by gallery vectors (k = 5). --speed prints photos/s at batch 32 for each side instead
-(the weights do not change the speed).
+embedded as the model does. Photos go through the same weights at each side ("same weights": only the
+convolutions' padding and the taps' pooling windows change) and, with --distil-epochs N, through a copy at that
+side trained for N epochs to give each photo the vector the model gives it ("distilled": cosine loss on the photo
+and one mirrored random square crop of every photo of the 90 other categories and qmul-shoes/train, blocks from
+the first trained one on, the whitening and the pooled join held fixed). Prints acc@1 / acc@10 / mAP@all on the
+held-out 10 and qmul-shoes/test, by the embeddings (k = 0) and by gallery vectors (k = 5). --speed prints
+photos/s at batch 32 for each side instead (the weights do not change the speed).
 """
 
 from __future__ import annotations
