@@ -36,6 +36,8 @@ from encoder.neighbours import blend_gallery
 from encoder.preprocess import _normalise, load_photo, prepare_photo, resize_photo
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+# the exports of this run, removed when it ends
+EXPORTS = tempfile.TemporaryDirectory(prefix="bench-photo-side-")
 
 
 def at_side(ckpt: Checkpoint, side: int) -> Checkpoint:
@@ -47,7 +49,7 @@ def at_side(ckpt: Checkpoint, side: int) -> Checkpoint:
 
 def embedder(ckpt: Checkpoint) -> Embedder:
     # a fresh export cache each time: copies at other sides share the model's id, and so its cached file name
-    return Embedder(ckpt, cache_dir=Path(tempfile.mkdtemp(prefix="bench-photo-side-")))
+    return Embedder(ckpt, cache_dir=Path(tempfile.mkdtemp(dir=EXPORTS.name)))
 
 
 def views(photo: Image.Image, rng: random.Random) -> list[Image.Image]:
