@@ -33,7 +33,7 @@ from encoder.evaluate import embed_gallery
 from encoder.metrics import retrieval_metrics
 from encoder.model import POOLED_DIM, SketchPhotoEncoder, default_first_trained_block
 from encoder.neighbours import blend_gallery
-from encoder.preprocess import _normalise, load_photo, prepare_photo, resize_photo
+from encoder.preprocess import load_photo, prepare_photo
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 # the exports of this run, removed when it ends
@@ -73,8 +73,8 @@ def distil(ckpt: Checkpoint, teacher: Embedder, side: int, epochs: int, data_roo
     fronts, targets, big, little = [], [], [], []
     for i, path in enumerate(photos):
         for view in views(load_photo(path, ckpt.preprocessing), rng):
-            big.append(_normalise(np.asarray(resize_photo(view, ckpt.preprocessing.image_size)), ckpt.preprocessing))
-            little.append(_normalise(np.asarray(resize_photo(view, side)), small.preprocessing))
+            big.append(prepare_photo(view, ckpt.preprocessing))
+            little.append(prepare_photo(view, small.preprocessing))
         if len(big) >= 64 or i == len(photos) - 1:
             targets.append(teacher.embed_arrays(np.stack(big), "photo"))
             with torch.no_grad():  # the frozen blocks run once per view
@@ -109,7 +109,6 @@ def distil(ckpt: Checkpoint, teacher: Embedder, side: int, epochs: int, data_roo
             total += float(loss.detach()) * len(rows)
         print(f"# {side} px, epoch {epoch + 1}/{epochs}: 1 - cosine {total / len(front):.4f} "
               f"({time.perf_counter() - t0:.0f} s, {len(front)} views)", flush=True)
-    model.eval()
     return replace(small, state_dict=inference_state(model))
 
 
