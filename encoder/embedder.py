@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from encoder.checkpoint import Checkpoint, load_checkpoint
-from encoder.errors import SketchSearchError
+from encoder.errors import ModelLoadError, SketchSearchError
 from encoder.export import DOMAINS, EXPORT_VERSION, export_onnx
 from encoder.preprocess import (
     ImageSource,
@@ -86,11 +86,27 @@ class Embedder:
             raise SketchSearchError(f"unknown backend {self.backend!r}: use onnx or torch")
 
     def _onnx_session(self, cache: Path, domain: str) -> object:
+        """The domain's cached graph (exported and checked first when missing); a cached file that ONNX Runtime
+        cannot load (truncated by a crash, corrupted) is exported again once rather than trusted forever."""
+        path = cache / f"{self.model_id}-{domain}-x{EXPORT_VERSION}.onnx"
+        fresh = not path.is_file()
+        if fresh:
+            export_onnx(self._model, domain, self.prep.image_size, self.prep.channels, path)
+        try:
+            return self._load_session(path)
+        except Exception as exc:  # ONNX Runtime's load errors share no useful base class
+            if fresh:
+                raise ModelLoadError(f"{path}: the graph just exported does not load ({exc})") from exc
+            logger.warning("cached ONNX graph %s does not load (%s): exporting it again", path, exc)
+        export_onnx(self._model, domain, self.prep.image_size, self.prep.channels, path)
+        try:
+            return self._load_session(path)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: the graph does not load even when exported again ({exc})") from exc
+
+    def _load_session(self, path: Path) -> object:
         import onnxruntime as ort
 
-        path = cache / f"{self.model_id}-{domain}-x{EXPORT_VERSION}.onnx"
-        if not path.is_file():
-            export_onnx(self._model, domain, self.prep.image_size, self.prep.channels, path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1

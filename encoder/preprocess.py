@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -18,8 +21,27 @@ logger = logging.getLogger(__name__)
 
 ImageSource = str | Path | bytes | BinaryIO | Image.Image
 
-# PIL's own bomb check only fires at twice its limit and only warns below that; we enforce ours explicitly.
-Image.MAX_IMAGE_PIXELS = None
+# Our own pixel limit is checked from the header before any decoding. PIL's global limit (Image.MAX_IMAGE_PIXELS)
+# is left as it is: it protects every other Image.open in the process, and a max_pixels above it is refused there.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+# A photo is embedded through a centre square crop: beyond 100:1 that crop shows under 1% of the photo, so such a
+# file is a strip, a banner or a broken header, not a photo to search; real panoramas stay well below (about 12:1).
+MAX_PHOTO_ASPECT = 100.0
+
+# An ink crop whose square side is at most MAX_SKETCH_SQUARE is padded at full resolution, exactly as always: its
+# 64 MiB at most match the default pixel limit. A longer one (a long thin stroke) is scaled down to
+# SCALED_SKETCH_SQUARE before padding, so memory never follows the stroke's length; that side is over 9 times the
+# model's input, so the final resize loses next to nothing by the extra step (a few levels in edge pixels).
+MAX_SKETCH_SQUARE = 8192
+SCALED_SKETCH_SQUARE = 2048
+
+# resize_photo resizes a whole photo and crops, exactly as ever, while the resized photo's long side is at most this
+# many times the crop's (3 MiB at 224 px); a longer strip is resampled only under the crop, so memory stays bounded.
+_WHOLE_RESIZE_SIDES = 16
+
+# 16-bit integer modes PIL opens (PNG and TIFF): convert("L"/"RGB") clips them at 255 instead of rescaling.
+_MODES_16BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 
 
 @dataclass(frozen=True)
@@ -32,7 +54,7 @@ class Preprocessing:
     std: float = 128.0
     sketch_margin: float = 0.06  # margin around the ink's bounding box, as a fraction of its longer side
     ink_level: int = 48  # a pixel counts as ink when it is this much darker than white
-    max_pixels: int = 64_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     sketch_flip: bool = False  # embed a sketch and its mirror image and average: drawings face either way
 
     def to_dict(self) -> dict[str, float | int]:
@@ -44,10 +66,13 @@ class Preprocessing:
         return cls(**known)  # type: ignore[arg-type]
 
 
-def _open(source: ImageSource) -> Image.Image:
-    if isinstance(source, Image.Image):
-        return source
-    name = str(source) if isinstance(source, str | Path) else "<bytes>"
+def _source_name(source: ImageSource) -> str:
+    name = getattr(source, "filename", "") if isinstance(source, Image.Image) else ""
+    return name or (str(source) if isinstance(source, str | Path) else "<bytes>")
+
+
+def _open(source: str | Path | bytes | BinaryIO) -> Image.Image:
+    name = _source_name(source)
     try:
         if isinstance(source, bytes):
             return Image.open(io.BytesIO(source))
@@ -56,14 +81,15 @@ def _open(source: ImageSource) -> Image.Image:
         raise InvalidImageError(f"{name}: no such file") from exc
     except IsADirectoryError as exc:
         raise InvalidImageError(f"{name}: is a directory, not an image") from exc
+    except Image.DecompressionBombError as exc:
+        # PIL's own limit, from the header alone: it only fires for a max_pixels above twice PIL's limit
+        raise InvalidImageError(f"{name}: too many pixels, exceeds the limit of PIL's bomb check ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc
 
 
-def _decode(source: ImageSource, max_pixels: int, draft_size: int | None = None) -> Image.Image:
-    """Open, bound-check and fully decode an image so that truncation is found here, not later."""
-    image = _open(source)
-    name = getattr(image, "filename", "") or (str(source) if isinstance(source, str | Path) else "<bytes>")
+def _check_size(image: Image.Image, name: str, max_pixels: int, max_aspect: float | None = None) -> None:
+    """InvalidImageError for an empty, too large or (given max_aspect) too elongated image, from its header."""
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"{name}: empty image ({width}x{height})")
@@ -71,6 +97,41 @@ def _decode(source: ImageSource, max_pixels: int, draft_size: int | None = None)
         raise InvalidImageError(
             f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
         )
+    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+        raise InvalidImageError(
+            f"{name}: {width}x{height} is too elongated for a photo (over {max_aspect:g}:1 between its sides)"
+        )
+
+
+@contextmanager
+def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+    """Open an image lazily once its header passes the pixel limit; its file is closed on leaving, error or not.
+
+    The one way encoder code opens image files: InvalidImageError if missing, unreadable or too large."""
+    image = _open(source)
+    # Image.__exit__ closes only a file PIL opened itself (a path), never a stream the caller passed in
+    with image:
+        _check_size(image, _source_name(source), max_pixels)
+        yield image
+
+
+def _decode(
+    source: ImageSource, max_pixels: int, draft_size: int | None = None, max_aspect: float | None = None
+) -> Image.Image:
+    """Open, bound-check and fully decode an image so that truncation is found here, not later.
+
+    The result is an in-memory copy: no file stays open behind it, not even for a multi-frame GIF or TIFF."""
+    if isinstance(source, Image.Image):
+        return _decoded(source, _source_name(source), max_pixels, draft_size, max_aspect)
+    with open_image(source, max_pixels) as image:
+        return _decoded(image, _source_name(image) or _source_name(source), max_pixels, draft_size, max_aspect)
+
+
+def _decoded(
+    image: Image.Image, name: str, max_pixels: int, draft_size: int | None, max_aspect: float | None
+) -> Image.Image:
+    _check_size(image, name, max_pixels, max_aspect)
+    width, height = image.size
     try:
         if draft_size and image.format == "JPEG":
             # JPEG DCT scaling decodes at 1/2, 1/4 or 1/8 size directly: several times faster.
@@ -79,12 +140,41 @@ def _decode(source: ImageSource, max_pixels: int, draft_size: int | None = None)
             warnings.simplefilter("ignore")
             image.load()
         orientation = image.getexif().get(0x0112, 1)
+        # a new image (transposed, or a plain copy when upright), so the file behind `image` can be closed
         image = ImageOps.exif_transpose(image) or image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from exc
     # the draft decode may be smaller than the file: keep the photo's own size (as displayed) for the caller
     image.info["original_size"] = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
     return image
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float grayscale rescaled to 8-bit "L"; any other mode as it is.
+
+    PIL's convert("L") or convert("RGB") clips these at 255 instead of rescaling: a 16-bit photo came out white."""
+    if image.mode in _MODES_16BIT:
+        # v / 257 maps 0..65535 onto 0..255, rounded; an 8-bit value stored as 16-bit (v * 257) comes back exact
+        values = np.asarray(image).astype(np.uint32)
+        out = ((values + 128) // 257).astype(np.uint8)
+    elif image.mode == "I":
+        # mode I declares no bit depth: take the smallest usual one that holds the data (L -> I gives 0..255,
+        # 16-bit PNG and TIFF data 0..65535); anything larger is stretched from 0 to its maximum
+        values = np.asarray(image).astype(np.float64)
+        top = float(values.max())
+        white = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+        out = np.clip(np.rint(values * (255.0 / white)), 0, 255).astype(np.uint8)
+    elif image.mode == "F":
+        # float data is either 0..1 (numpy, float TIFF), which convert() turns black, or 0..255 (PIL's L -> F)
+        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        scale = 255.0 if float(values.max()) <= 1.0 else 1.0
+        out = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+    else:
+        return image
+    converted = Image.fromarray(out)
+    if "original_size" in image.info:
+        converted.info["original_size"] = image.info["original_size"]
+    return converted
 
 
 def original_size(image: Image.Image) -> tuple[int, int]:
@@ -104,17 +194,19 @@ def _flatten_alpha(image: Image.Image) -> Image.Image:
 
 
 def load_photo(source: ImageSource, prep: Preprocessing | None = None) -> Image.Image:
-    """Decode a photo (EXIF orientation applied, fast JPEG draft) into an RGB image; InvalidImageError if bad."""
+    """Decode a photo (EXIF orientation applied, fast JPEG draft) into an RGB image; InvalidImageError if bad.
+
+    Bad includes more than MAX_PHOTO_ASPECT between its sides: the centre crop would show next to nothing."""
     prep = prep or Preprocessing()
-    image = _decode(source, prep.max_pixels, draft_size=prep.image_size)
-    image = _flatten_alpha(image)
+    image = _decode(source, prep.max_pixels, draft_size=prep.image_size, max_aspect=MAX_PHOTO_ASPECT)
+    image = _flatten_alpha(to_8bit(image))
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def load_sketch(source: ImageSource, prep: Preprocessing | None = None) -> Image.Image:
     """Decode a sketch into grayscale, black ink on white, whatever its mode or polarity."""
     prep = prep or Preprocessing()
-    image = _flatten_alpha(_decode(source, prep.max_pixels))
+    image = _flatten_alpha(to_8bit(_decode(source, prep.max_pixels)))
     gray = image.convert("L")
     pixels = np.asarray(gray)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
@@ -124,8 +216,11 @@ def load_sketch(source: ImageSource, prep: Preprocessing | None = None) -> Image
 
 
 def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
-    """Crop a black-on-white sketch to its ink with a margin and pad it to a white square."""
-    pixels = np.asarray(sketch.convert("L"))
+    """Crop a black-on-white sketch to its ink with a margin and pad it to a white square.
+
+    A square longer than MAX_SKETCH_SQUARE (a long thin stroke) comes out scaled down to SCALED_SKETCH_SQUARE."""
+    gray = sketch.convert("L")
+    pixels = np.asarray(gray)
     ink = pixels < (255 - prep.ink_level)
     if int(ink.sum()) < 4:
         raise EmptySketchError("the sketch is empty: no strokes were found")
@@ -135,21 +230,37 @@ def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
     side = max(bottom - top, right - left)
     side = int(round(side * (1 + 2 * prep.sketch_margin))) + 2
     cy, cx = (top + bottom) / 2, (left + right) / 2
-    box = (int(round(cx - side / 2)), int(round(cy - side / 2)))
-    canvas = Image.new("L", (side, side), 255)
-    canvas.paste(sketch.convert("L").crop((box[0], box[1], box[0] + side, box[1] + side)), (0, 0))
-    # crop() outside the image fills black; repaint those parts white
-    out = np.asarray(canvas).copy()
-    x0, y0 = box
-    if x0 < 0:
-        out[:, :-x0] = 255
-    if y0 < 0:
-        out[:-y0, :] = 255
-    if x0 + side > sketch.width:
-        out[:, sketch.width - x0 :] = 255
-    if y0 + side > sketch.height:
-        out[sketch.height - y0 :, :] = 255
-    return Image.fromarray(out, mode="L")
+    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    # only the part of the square inside the image is copied; the rest of the square is white paper
+    ix0, iy0 = max(x0, 0), max(y0, 0)
+    ix1, iy1 = min(x0 + side, gray.width), min(y0 + side, gray.height)
+    if side <= MAX_SKETCH_SQUARE:
+        canvas = Image.new("L", (side, side), 255)
+        canvas.paste(gray.crop((ix0, iy0, ix1, iy1)), (ix0 - x0, iy0 - y0))
+        return canvas
+    # scale the image part down first, then pad: memory follows SCALED_SKETCH_SQUARE, not the stroke's length
+    target = SCALED_SKETCH_SQUARE
+    scale = target / side
+    canvas = Image.new("L", (target, target), 255)
+    dx0, dx1, sx0, sx1 = _canvas_span(ix0 - x0, ix1 - x0, scale, target)
+    dy0, dy1, sy0, sy1 = _canvas_span(iy0 - y0, iy1 - y0, scale, target)
+    box = (x0 + sx0, y0 + sy0, x0 + sx1, y0 + sy1)
+    # reducing_gap: an integer box reduction first keeps PIL's filter tables small for huge reduction factors
+    part = gray.resize((dx1 - dx0, dy1 - dy0), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    canvas.paste(part, (dx0, dy0))
+    return canvas
+
+
+def _canvas_span(start: int, stop: int, scale: float, limit: int) -> tuple[int, int, float, float]:
+    """Where the square's [start, stop) (source pixels) lands on a canvas scaled by `scale`, and the source to fill it.
+
+    Rounded inwards, so the source stays inside the image and is sampled exactly where resizing the whole square
+    would sample it (the sliver left over is paper); a span under a pixel across goes whole into its middle pixel."""
+    first, last = math.ceil(start * scale), math.floor(stop * scale)
+    if last > first:
+        return first, last, min(max(first / scale, start), stop), min(max(last / scale, start), stop)
+    middle = min(max(int((start + stop) / 2 * scale), 0), limit - 1)
+    return middle, middle + 1, start, stop
 
 
 def _scale_table(mean: float, std: float) -> np.ndarray:
@@ -180,13 +291,19 @@ def _normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def resize_photo(photo: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and centre-crop a square."""
+    """Resize the shorter side to `size` and centre-crop a square; the work is bounded by `size` at any aspect."""
     w, h = photo.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    resized = photo.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
     left, top = (nw - size) // 2, (nh - size) // 2
-    return resized.crop((left, top, left + size, top + size))
+    if max(nw, nh) <= _WHOLE_RESIZE_SIDES * size:
+        # the arithmetic the shipped models were trained with, bit for bit
+        resized = photo.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+        return resized.crop((left, top, left + size, top + size))
+    # a long strip: resample only the region under the crop (its edges in source pixels), at the positions the
+    # whole-photo resize would use, up to float rounding (a level or so in a few pixels)
+    box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
+    return photo.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
 def prepare_photo(photo: Image.Image, prep: Preprocessing) -> np.ndarray:

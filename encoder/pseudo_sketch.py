@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from encoder.errors import InvalidImageError
 from encoder.hed import detect_edges, edges_to_sketch, load_hed
+from encoder.preprocess import open_image, to_8bit
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +36,12 @@ def output_path(photo: Path, out_dir: Path) -> Path:
 
 def load_photo(path: Path, long_side: int) -> Image.Image:
     """RGB photo resized so that its long side is `long_side` px."""
-    with Image.open(path) as opened:
-        im: Image.Image = opened.convert("RGB")
+    try:
+        # the encoder's pixel limit, and 16-bit grayscale rescaled rather than clipped to white
+        with open_image(path) as opened:
+            im: Image.Image = to_8bit(opened).convert("RGB")
+    except InvalidImageError as exc:
+        raise ValueError(str(exc)) from exc  # run() counts a ValueError as one failed photo and goes on
     w, h = im.size
     if max(w, h) != long_side:
         scale = long_side / max(w, h)

@@ -48,6 +48,7 @@ from encoder.preprocess import (
     crop_sketch,
     load_photo,
     load_sketch,
+    open_image,
     resize_photo,
 )
 from encoder.whitening import fit_pooled_join, fit_whitening
@@ -213,7 +214,7 @@ def photo_input(
 
 
 def ink_share(path: Path) -> float:
-    with Image.open(path) as image:
+    with open_image(path) as image:  # the pixel limit applies here too: PIL's own is far above it
         return float((np.asarray(image.convert("L")) < 128).mean())
 
 

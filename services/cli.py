@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from encoder.errors import SketchSearchError
+from services.errors import InvalidQueryError
 
 if TYPE_CHECKING:
     from encoder.checkpoint import Checkpoint
     from services.config import Settings
     from services.gallery import Gallery
     from services.ingest import IngestSummary
-    from services.jobs import Job, JobStore
+    from services.jobs import Job, JobStore, LocalJobRunner
     from services.vector_store import SearchHit, VectorStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Draw a sketch, find the photo.")
@@ -362,7 +363,11 @@ CategoryFilter = Annotated[str | None, typer.Option(help="Only photos of this ca
 def _settings() -> Settings:
     from services.config import get_settings
 
-    return get_settings()
+    try:
+        return get_settings()
+    except SketchSearchError as exc:  # a bad SKETCHSEARCH_* variable: say which, not a traceback
+        _fail(exc)
+        raise
 
 
 def _gallery_neighbours(option: int | None) -> int:
@@ -382,9 +387,10 @@ def _print_summary(summary: IngestSummary, as_json: bool) -> None:
         typer.echo(f"  failed: {failure.path}: {failure.reason}")
 
 
-def _follow(jobs: JobStore, job_id: str, queue_hint: str | None) -> Job:
+def _follow(jobs: JobStore, job_id: str, queue_hint: str | None, runner: LocalJobRunner | None = None) -> Job:
     """Show a job's progress until it finishes; the record is the only source, so this works for in-process
-    jobs and for Celery jobs alike."""
+    jobs and for Celery jobs alike. With the in-process runner, also until its thread ends: a thread that could
+    not write the record (a full disk) never finishes it, and its error is raised instead."""
     from tqdm import tqdm
 
     from services.jobs import JobState, follow_job
@@ -402,13 +408,18 @@ def _follow(jobs: JobStore, job_id: str, queue_hint: str | None) -> Job:
                 tqdm.write(f"waiting for a worker on queue {queue_hint}: is `sketchsearch worker` running?",
                            file=sys.stderr)
 
+        if runner is not None:
+            return runner.follow(job_id, on_update=update)
         return follow_job(jobs, job_id, on_update=update)
 
 
 @app.command("config")
 def config_command(as_json: JsonFlag = False) -> None:
     """Print the effective settings (SKETCHSEARCH_* environment variables and their defaults)."""
-    described = _settings().describe()
+    from services.jobs import mask_url
+
+    # URLs may carry a password (redis://:secret@host): what is printed is often pasted into issues
+    described = {key: mask_url(value) for key, value in _settings().describe().items()}
     if as_json:
         typer.echo(json.dumps(described, indent=2))
         return
@@ -428,11 +439,20 @@ def ingest_command(
 
     Without SKETCHSEARCH_BROKER_URL this process owns the store and runs the job itself (always waits).
     With it, the batches go to `sketchsearch worker` and this process never opens the store."""
-    from services.ingest import collect_photos
+    from services.ingest import IngestSummary, collect_photos
     from services.jobs import FileJobStore, LocalJobRunner, RedisJobStore, submit_celery_ingest
 
+    # a path that is not there is a mistake in the command, not a photo that failed: say so before loading
+    # the model, creating the collection or recording a job
+    missing = [str(path) for path in paths if not path.exists()]
+    if missing:
+        _fail(SketchSearchError(f"no such file or folder: {', '.join(missing)}"))
     settings = _settings()
     files, rejected = collect_photos(paths, label)
+    if not files and rejected:  # only files that are not photos: nothing to run a job for
+        _print_summary(IngestSummary(failures=list(rejected)), as_json)
+        typer.echo("error: nothing to ingest: none of the files given is a photo", err=True)
+        raise typer.Exit(code=1)
     try:
         if settings.broker_url:
             job = submit_celery_ingest(settings, files, label, rejected)
@@ -441,11 +461,14 @@ def ingest_command(
             if not wait:
                 typer.echo(f"follow it with `sketchsearch jobs {job.id}`", err=True)
                 return
+            jobs = RedisJobStore(settings.broker_url)
             try:
-                job = _follow(RedisJobStore(settings.broker_url), job.id, settings.queue)
+                job = _follow(jobs, job.id, settings.queue)
             except KeyboardInterrupt:
                 typer.echo(f"stopped following; the job goes on: `sketchsearch jobs {job.id}`", err=True)
                 raise typer.Exit(code=130) from None
+            finally:
+                jobs.close()
         else:
             from services.gallery import load_active_model, open_gallery
             from services.vector_store import open_store
@@ -456,7 +479,7 @@ def ingest_command(
                 runner = LocalJobRunner(gallery, FileJobStore(settings.jobs_path), settings.batch_size)
                 job = runner.submit(files, label, rejected)
                 try:
-                    job = _follow(runner.jobs, job.id, None)
+                    job = _follow(runner.jobs, job.id, None, runner)
                 except KeyboardInterrupt:
                     runner.cancel(job.id)
                     runner.wait(job.id)
@@ -469,10 +492,15 @@ def ingest_command(
     except SketchSearchError as exc:
         _fail(exc)
         return
-    _print_summary(job.summary(), as_json)
+    summary = job.summary()
+    _print_summary(summary, as_json)
     for error in job.errors():
         typer.echo(f"error: {error}", err=True)
     if job.errors():
+        raise typer.Exit(code=1)
+    if summary.failed and not (summary.added or summary.already_present):
+        # some failures beside stored photos are a normal run (listed above); failures alone are not
+        typer.echo(f"error: nothing could be ingested: all {summary.failed} files failed", err=True)
         raise typer.Exit(code=1)
 
 
@@ -510,7 +538,10 @@ def jobs_command(
 
     try:
         store = open_job_store(_settings())
-        jobs = [store.get_job(job_id)] if job_id else store.list_jobs(limit)
+        try:
+            jobs = [store.get_job(job_id)] if job_id else store.list_jobs(limit)
+        finally:
+            store.close()
     except SketchSearchError as exc:
         _fail(exc)
         return
@@ -579,7 +610,7 @@ def search_command(
                                  max_hits=settings.search_limit)
         finally:
             store.close()
-    except ValueError as exc:
+    except InvalidQueryError as exc:  # the limits given; anything else is not a usage error
         raise typer.BadParameter(str(exc)) from exc
     except SketchSearchError as exc:
         _fail(exc)
@@ -608,7 +639,7 @@ def similar_command(
                                 max_hits=settings.search_limit)
         finally:
             store.close()
-    except ValueError as exc:
+    except InvalidQueryError as exc:  # the limits given; anything else is not a usage error
         raise typer.BadParameter(str(exc)) from exc
     except SketchSearchError as exc:
         _fail(exc)

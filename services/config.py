@@ -7,8 +7,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -110,5 +112,13 @@ class Settings(BaseSettings):
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings; call get_settings.cache_clear() after changing the environment."""
-    return Settings()
+    """The process-wide settings; call get_settings.cache_clear() after changing the environment.
+    ConfigError, naming each bad variable, when one cannot be read."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"SKETCHSEARCH_{'_'.join(str(part) for part in error['loc']).upper()}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None

@@ -35,3 +35,12 @@ class BrokerUnavailableError(SketchSearchError):
 
 class JobNotFoundError(SketchSearchError):
     """A job id without a record."""
+
+
+class JobRecordError(SketchSearchError):
+    """A job that stopped without its record saying so (the record could not be written)."""
+
+
+class InvalidQueryError(SketchSearchError, ValueError):
+    """Search limits that cannot work (top-k below 1, a threshold outside [-1, 1], both at once); a
+    ValueError too, as it was before it had a type of its own."""

@@ -91,10 +91,13 @@ def collect_photos(
     seen: set[Path] = set()
 
     def add(path: Path) -> None:
+        # the category is the folder the photo was found in, which for a symlinked photo is not the
+        # folder of its target; the resolved path is what is stored and what makes it the same photo
+        category = label or path.absolute().parent.name
         path = path.resolve()
         if path not in seen:
             seen.add(path)
-            files.append(PhotoFile(path, label or path.parent.name))
+            files.append(PhotoFile(path, category))
 
     for given in paths:
         if given.is_dir():
@@ -127,6 +130,7 @@ def ingest_batch(gallery: Gallery, files: Sequence[PhotoFile]) -> IngestSummary:
     t0 = time.perf_counter()
     summary = IngestSummary()
     hashed: dict[str, tuple[PhotoFile, str]] = {}  # point id -> (file, sha256); first file wins
+    copies: dict[str, list[PhotoFile]] = {}  # point id -> later files with the same bytes in this batch
     for item in files:
         try:
             digest = hash_file(item.path)
@@ -135,19 +139,22 @@ def ingest_batch(gallery: Gallery, files: Sequence[PhotoFile]) -> IngestSummary:
             continue
         pid = photo_id(digest)
         if pid in hashed:
-            summary.already_present += 1  # the same bytes twice in one batch
+            copies.setdefault(pid, []).append(item)
         else:
             hashed[pid] = (item, digest)
 
     present = gallery.store.existing_ids(gallery.collection, list(hashed))
     summary.already_present += len(present)
     todo = [(pid, item, digest) for pid, (item, digest) in hashed.items() if pid not in present]
+    failed: set[str] = set()  # point ids whose first file could not be decoded
     if todo:
         result = gallery.embedder.embed_photo_files([item.path for _, item, _ in todo], batch_size=len(todo))
+        first_of = {item.path: pid for pid, item, _ in todo}
         for failure in result.failures:
             # the decoder's messages start with the path, which the failure already carries
             reason = failure.reason.removeprefix(f"{failure.path}: ")
             summary.failures.append(IngestFailure(str(failure.path), reason))
+            failed.add(first_of[Path(failure.path)])
         by_path = {item.path: (pid, item, digest) for pid, item, digest in todo}
         now = datetime.now(UTC).isoformat(timespec="seconds")
         records = []
@@ -156,6 +163,14 @@ def ingest_batch(gallery: Gallery, files: Sequence[PhotoFile]) -> IngestSummary:
             records.append(PhotoRecord(pid, str(item.path), item.category, digest, width, height, now))
         gallery.store.upsert_photos(gallery.collection, records, result.vectors)
         summary.added += len(records)
+    for pid, later in copies.items():
+        # the same bytes twice in one batch: stored once, or failed alike (the same bytes decode alike)
+        if pid in failed:
+            first = hashed[pid][0].path
+            reason = f"the same bytes as {first}, which failed"
+            summary.failures.extend(IngestFailure(str(i.path), reason) for i in later)
+        else:
+            summary.already_present += len(later)
     summary.seconds = time.perf_counter() - t0
     return summary
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -17,8 +18,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from encoder.errors import SketchSearchError
 from services.config import Settings
-from services.errors import BrokerUnavailableError, ConfigError, JobNotFoundError
+from services.errors import BrokerUnavailableError, ConfigError, JobNotFoundError, JobRecordError
 from services.ingest import IngestFailure, IngestSummary, PhotoFile, ingest_batch, split_batches
 
 if TYPE_CHECKING:
@@ -31,6 +33,23 @@ _REDIS_PREFIX = "sketchsearch:job:"
 _REDIS_INDEX = "sketchsearch:jobs"
 _RECORD_TTL_S = 30 * 24 * 3600
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# scheme://user:password@ -- greedy up to the last @ of the authority, as urllib splits it, so a password
+# holding an unescaped @ is masked whole
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#]*)@")
+# redis-py also reads credentials from the query string (redis://host/0?password=...)
+_URL_SECRET_PARAM = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|api_key)=)[^&#\s]*", re.IGNORECASE)
+
+
+def mask_url(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***: broker URLs carry credentials, and
+    error messages, job records and `sketchsearch config` are read by people who should not see them."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _ = match["userinfo"].partition(":")
+        # user:password keeps the user; a lone userinfo (redis://secret@host) may itself be the password
+        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+    return _URL_SECRET_PARAM.sub(lambda m: f"{m['key']}***", _URL_USERINFO.sub(userinfo, text))
 
 
 class JobState(StrEnum):
@@ -108,7 +127,8 @@ class Job:
 
     def errors(self) -> list[str]:
         found = [f"batch {r.index}: {r.error}" for r in self.reports.values() if r.error]
-        return ([self.error] if self.error else []) + found
+        # masked again on the way out: records written before passwords were masked may still hold one
+        return [mask_url(e) for e in ([self.error] if self.error else []) + found]
 
     def meta_json(self) -> dict[str, Any]:
         return {
@@ -196,6 +216,7 @@ class JobStore(Protocol):
     def record_batch(self, job_id: str, report: BatchReport) -> None: ...
     def get_job(self, job_id: str) -> Job: ...
     def list_jobs(self, limit: int = 20) -> list[Job]: ...
+    def close(self) -> None: ...
 
 
 class FileJobStore:
@@ -220,6 +241,9 @@ class FileJobStore:
         tmp = self._path(job_id).with_suffix(f".{threading.get_ident()}.tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(self._path(job_id))
+
+    def close(self) -> None:
+        """Nothing held open between writes; here so that every JobStore can be closed alike."""
 
     def create_job(self, job: Job) -> None:
         with self._lock:
@@ -273,9 +297,19 @@ class RedisJobStore:
 
         self.url = url
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self.client = redis.Redis.from_url(
-            url, socket_connect_timeout=3, socket_timeout=10, decode_responses=True
-        )
+        try:
+            self.client = redis.Redis.from_url(
+                url, socket_connect_timeout=3, socket_timeout=10, decode_responses=True
+            )
+        except (ValueError, TypeError) as exc:  # redis-py parses the URL here (a port that is not a number...)
+            raise ConfigError(
+                f"SKETCHSEARCH_BROKER_URL={mask_url(url)} is not a usable Redis URL ({mask_url(str(exc))}); "
+                "expected redis://[:password@]host:port/db"
+            ) from exc
+
+    def close(self) -> None:
+        """Release the connection pool (a CLI run or a test opens several stores)."""
+        self.client.close()
 
     @contextmanager
     def _translated(self) -> Iterator[None]:
@@ -297,17 +331,32 @@ class RedisJobStore:
             pipe.zadd(_REDIS_INDEX, {job.id: job.created_at})
             pipe.execute()
 
+    # Every write refreshes the expiry in the same transaction: a write to a record that has just expired
+    # recreates the hash, and without the expire it would then stay in Redis forever.
+
     def update_meta(self, job: Job) -> None:
+        key = _REDIS_PREFIX + job.id
         with self._translated():
-            self.client.hset(_REDIS_PREFIX + job.id, "meta", json.dumps(job.meta_json()))
+            pipe = self.client.pipeline()
+            pipe.hset(key, "meta", json.dumps(job.meta_json()))
+            pipe.expire(key, _RECORD_TTL_S)
+            pipe.execute()
 
     def mark_started(self, job_id: str, index: int) -> None:
+        key = _REDIS_PREFIX + job_id
         with self._translated():
-            self.client.hincrby(_REDIS_PREFIX + job_id, f"started:{index}", 1)
+            pipe = self.client.pipeline()
+            pipe.hincrby(key, f"started:{index}", 1)
+            pipe.expire(key, _RECORD_TTL_S)
+            pipe.execute()
 
     def record_batch(self, job_id: str, report: BatchReport) -> None:
+        key = _REDIS_PREFIX + job_id
         with self._translated():
-            self.client.hset(_REDIS_PREFIX + job_id, f"batch:{report.index}", json.dumps(report.to_json()))
+            pipe = self.client.pipeline()
+            pipe.hset(key, f"batch:{report.index}", json.dumps(report.to_json()))
+            pipe.expire(key, _RECORD_TTL_S)
+            pipe.execute()
 
     @staticmethod
     def _job(fields: dict[str, str]) -> Job:
@@ -324,7 +373,7 @@ class RedisJobStore:
         with self._translated():
             fields = self.client.hgetall(_REDIS_PREFIX + job_id)
         if "meta" not in fields:
-            raise JobNotFoundError(f"no job {job_id} in {self.url}")
+            raise JobNotFoundError(f"no job {job_id} in {mask_url(self.url)}")
         return self._job(fields)  # type: ignore[arg-type]
 
     def list_jobs(self, limit: int = 20) -> list[Job]:
@@ -341,7 +390,8 @@ class RedisJobStore:
 
 
 def broker_hint(url: str, exc: BaseException) -> str:
-    return (
+    """What to tell a person whose broker is down; the URL's password masked (the message gets printed)."""
+    return mask_url(
         f"cannot reach the broker at {url} ({type(exc).__name__}: {exc}). Start Redis there, fix "
         "SKETCHSEARCH_BROKER_URL, or unset it to run ingestion in-process"
     )
@@ -350,7 +400,7 @@ def broker_hint(url: str, exc: BaseException) -> str:
 def check_broker_url(url: str) -> None:
     if not url.startswith(_REDIS_SCHEMES):
         raise ConfigError(
-            f"SKETCHSEARCH_BROKER_URL={url}: only Redis brokers are supported (redis://, rediss://, "
+            f"SKETCHSEARCH_BROKER_URL={mask_url(url)}: only Redis brokers are supported (redis://, rediss://, "
             "unix://); job records live next to the queue"
         )
 
@@ -415,31 +465,45 @@ def submit_celery_ingest(
     if not settings.broker_url:
         raise ConfigError("SKETCHSEARCH_BROKER_URL is not set: nothing to send the batches to")
     check_broker_url(settings.broker_url)
+    import redis
+    from kombu.exceptions import OperationalError as KombuOperationalError
+
+    # what a broker that is down or unreachable raises, depending on the moment: kombu's wrapper, redis-py's
+    # errors or plain socket errors (ConnectionError is an OSError); anything else is a bug and propagates
+    broker_errors = (KombuOperationalError, redis.RedisError, OSError)
     store = RedisJobStore(settings.broker_url)
-    store.ping()  # fail with the fix before anything is recorded
-    job, batches = new_job(files, settings.batch_size, "celery", label, rejected)
-    store.create_job(job)
-    app = create_celery_app(settings)
-    sent = 0
     try:
-        with app.connection_for_write() as conn:
-            for index, batch in enumerate(batches):
-                app.send_task(
-                    INGEST_TASK,
-                    args=[job.id, index, [[str(f.path), f.category] for f in batch]],
-                    queue=settings.queue,
-                    connection=conn,
-                    retry=True,
-                    retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-                )
-                sent += 1
-    except Exception as exc:  # kombu raises OperationalError or plain socket errors depending on the moment
-        job.error = f"enqueueing stopped after {sent} of {len(batches)} batches: {exc}"
+        store.ping()  # fail with the fix before anything is recorded
+        job, batches = new_job(files, settings.batch_size, "celery", label, rejected)
+        store.create_job(job)
+        app = create_celery_app(settings)
+        sent = 0
         try:
-            store.update_meta(job)
-        except BrokerUnavailableError:
-            pass
-        raise BrokerUnavailableError(broker_hint(settings.broker_url or "", exc)) from exc
+            with app.connection_for_write() as conn:
+                for index, batch in enumerate(batches):
+                    app.send_task(
+                        INGEST_TASK,
+                        args=[job.id, index, [[str(f.path), f.category] for f in batch]],
+                        queue=settings.queue,
+                        connection=conn,
+                        retry=True,
+                        retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+                    )
+                    sent += 1
+        except Exception as exc:
+            # the record must say the job will never finish, whatever stopped the sending
+            job.error = mask_url(f"enqueueing stopped after {sent} of {len(batches)} batches: {exc}")
+            try:
+                store.update_meta(job)
+            except BrokerUnavailableError as record_exc:
+                logger.warning("job %s: cannot record that enqueueing stopped: %s", job.id, record_exc)
+            if isinstance(exc, broker_errors):
+                raise BrokerUnavailableError(broker_hint(settings.broker_url, exc)) from exc
+            raise
+        finally:
+            app.close()
+    finally:
+        store.close()
     logger.info("job %s: %d photos in %d batches sent to %s", job.id, job.photos, job.batches, settings.queue)
     return job
 
@@ -478,6 +542,15 @@ class LocalJobRunner:
         return job
 
     def _run(self, job: Job, batches: list[list[PhotoFile]]) -> None:
+        try:
+            self._run_batches(job, batches)
+        except BaseException:
+            # the record could not be written (a full disk, permissions): it will never say the job ended, so
+            # the exception stays in the future for follow() and is logged here, never lost with the thread
+            logger.exception("job %s stopped and its record could not say so", job.id)
+            raise
+
+    def _run_batches(self, job: Job, batches: list[list[PhotoFile]]) -> None:
         stop = self._cancel[job.id]
         for index, batch in enumerate(batches):
             if stop.is_set():
@@ -489,8 +562,8 @@ class LocalJobRunner:
                 run_ingest_task(self.gallery, self.jobs, job.id, index, batch)
             except Exception as exc:  # the record must say why the job stopped; the thread has no caller
                 logger.exception("job %s batch %d failed", job.id, index)
-                self.jobs.record_batch(job.id, BatchReport(index, IngestSummary(), error=str(exc)))
-                job.error = f"stopped at batch {index}: {exc}"
+                self.jobs.record_batch(job.id, BatchReport(index, IngestSummary(), error=describe_error(exc)))
+                job.error = f"stopped at batch {index}: {describe_error(exc)}"
                 self.jobs.update_meta(job)
                 return
 
@@ -503,10 +576,47 @@ class LocalJobRunner:
         if job_id in self._futures:
             self._futures[job_id].result(timeout=timeout)
 
+    def thread_done(self, job_id: str) -> bool:
+        """Whether the job's thread has ended (normally or not); a job of another runner counts as ended."""
+        future = self._futures.get(job_id)
+        return future is None or future.done()
+
+    def raise_if_failed(self, job_id: str) -> None:
+        """Raise what ended the job's thread without a record saying so, as a SketchSearchError."""
+        future = self._futures.get(job_id)
+        if future is None or not future.done() or future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            return
+        if isinstance(exc, SketchSearchError):
+            raise exc
+        raise JobRecordError(
+            f"job {job_id} stopped and its record could not be written ({describe_error(exc)}); "
+            "what was stored stays stored: fix the cause and run the same ingestion again"
+        ) from exc
+
+    def follow(
+        self, job_id: str, on_update: Callable[[Job], None] | None = None, poll_s: float = 0.25
+    ) -> Job:
+        """follow_job for a job of this runner that also stops when the thread ends: a thread that died
+        without finishing the record would otherwise leave the follower polling a job that never ends."""
+        job = follow_job(self.jobs, job_id, on_update, poll_s, until=lambda _: self.thread_done(job_id))
+        self.raise_if_failed(job_id)
+        # the thread may have written its last report between that reading and the check
+        return job if job.finished else self.jobs.get_job(job_id)
+
     def shutdown(self) -> None:
         for event in self._cancel.values():
             event.set()
         self._pool.shutdown(wait=True)
+
+
+def describe_error(exc: BaseException) -> str:
+    """An exception for a record or a message: ours as they are (they are written for people), others with
+    their type (a bare "No space left on device" does not say where it came from); passwords masked."""
+    text = str(exc) if isinstance(exc, SketchSearchError) else f"{type(exc).__name__}: {exc}"
+    return mask_url(text)
 
 
 def follow_job(

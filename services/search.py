@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder.preprocess import ImageSource
-from services.errors import PhotoNotFoundError
+from services.errors import InvalidQueryError, PhotoNotFoundError
 from services.gallery import Gallery, ModelIdentity
 from services.ingest import hash_file
 from services.vector_store import SearchHit, VectorStore, photo_id
@@ -42,14 +42,14 @@ class StoreStats:
 def _limits(top_k: int | None, threshold: float | None, max_hits: int) -> tuple[int, float | None]:
     """Top-k (default) or every hit at or above a threshold (at most max_hits); never both."""
     if top_k is not None and threshold is not None:
-        raise ValueError("give either top_k or threshold, not both")
+        raise InvalidQueryError("give either top_k or threshold, not both")
     if threshold is not None:
         if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
+            raise InvalidQueryError(f"threshold {threshold} is not a cosine similarity in [-1, 1]")
         return max_hits, threshold
     k = DEFAULT_TOP_K if top_k is None else top_k
     if k < 1:
-        raise ValueError(f"top_k must be at least 1, not {k}")
+        raise InvalidQueryError(f"top_k must be at least 1, not {k}")
     return k, None
 
 
@@ -71,7 +71,10 @@ def resolve_photo_id(photo: str) -> str:
     """A photo id as stored, or a file whose bytes give it."""
     path = Path(photo)
     if path.is_file():
-        return photo_id(hash_file(path))
+        try:
+            return photo_id(hash_file(path))
+        except OSError as exc:
+            raise PhotoNotFoundError(f"cannot read {photo}: {exc.strerror or exc}") from exc
     return photo
 
 

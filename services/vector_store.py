@@ -25,8 +25,10 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from encoder.neighbours import NeighbourIndex, blend_neighbours
 from services.config import Settings
 from services.errors import (
+    ConfigError,
     DimensionMismatchError,
     GalleryNotFoundError,
+    PhotoNotFoundError,
     StoreLockedError,
     StoreUnavailableError,
 )
@@ -117,6 +119,10 @@ def _translated(what: str, location: str) -> Iterator[None]:
         raise StoreUnavailableError(f"{what}: cannot reach the vector store at {location} ({exc})") from exc
     except UnexpectedResponse as exc:
         raise StoreUnavailableError(f"{what}: the vector store at {location} answered {exc}") from exc
+    except sqlite3.Error as exc:  # local mode's storage: a full disk, a damaged file
+        raise StoreUnavailableError(f"{what}: the embedded store at {location} failed ({exc})") from exc
+    except ValueError as exc:  # local mode reports a missing collection (deleted meanwhile) this way
+        raise StoreUnavailableError(f"{what}: the vector store at {location} refused it ({exc})") from exc
 
 
 class VectorStore:
@@ -220,16 +226,34 @@ class VectorStore:
         if size is not None:
             self.check_dimension(name, size, dim, model_id)
         else:
-            with self._op(f"create collection {name}"):
-                params = models.VectorParams(size=dim, distance=models.Distance.COSINE)
-                self.client.create_collection(name, vectors_config={PHOTO_VECTOR: params, GALLERY_VECTOR: params})
-                if not self.embedded:
-                    # local mode has no payload indexes (qdrant-client warns and ignores them); a server
-                    # uses this one for category filters and for the category counts (facets)
+            try:
+                with self._op(f"create collection {name}"):
+                    params = models.VectorParams(size=dim, distance=models.Distance.COSINE)
+                    self.client.create_collection(
+                        name, vectors_config={PHOTO_VECTOR: params, GALLERY_VECTOR: params}
+                    )
+            except StoreUnavailableError:
+                # several workers starting on an empty server race to create it: the losers get a conflict,
+                # and the collection the winner made is just as good
+                size = self.collection_dimension(name)
+                if size is None:
+                    raise
+                self.check_dimension(name, size, dim, model_id)
+                logger.info("collection %s was created by another process meanwhile", name)
+            else:
+                logger.info("created collection %s (%d dimensions, cosine)", name, dim)
+            if not self.embedded:
+                # local mode has no payload indexes (qdrant-client warns and ignores them); a server uses this
+                # one for category filters and for the category counts (facets). Creating it again is harmless.
+                with self._op(f"index {name}"):
                     self.client.create_payload_index(name, "category", models.PayloadSchemaType.KEYWORD)
-            logger.info("created collection %s (%d dimensions, cosine)", name, dim)
             self.speed_up_local_writes()
-        self._point_alias(name)
+        try:
+            self._point_alias(name)
+        except StoreUnavailableError:
+            # the same race on the alias: fine if it now points here, an error if another model took it
+            if self.alias_target(GALLERY_ALIAS) != name:
+                raise
         return name
 
     def find_collection(self, model_id: str, dim: int) -> str:
@@ -513,7 +537,7 @@ class VectorStore:
                     rows[str(p.id)] = _named(p.vector, which)
         missing = [i for i in ids if i not in rows]
         if missing:
-            raise KeyError(f"{len(missing)} ids not in {collection}, e.g. {missing[0]}")
+            raise PhotoNotFoundError(f"{len(missing)} ids not in {collection}, e.g. {missing[0]}")
         return np.asarray([rows[i] for i in ids], dtype=np.float32)
 
     def get_photo(self, collection: str, point_id: str) -> PhotoRecord | None:
@@ -647,7 +671,10 @@ def open_store(settings: Settings) -> VectorStore:
         url = settings.qdrant_url
         # no version check: it is a request at construction that warns instead of failing; the
         # list_collections() below is the check that matters (reachable, and answering)
-        client = QdrantClient(url=url, api_key=settings.qdrant_api_key, timeout=30, check_compatibility=False)
+        try:
+            client = QdrantClient(url=url, api_key=settings.qdrant_api_key, timeout=30, check_compatibility=False)
+        except ValueError as exc:  # urllib3's LocationParseError, or a scheme qdrant-client does not know
+            raise ConfigError(f"SKETCHSEARCH_QDRANT_URL={url} is not a usable URL ({exc})") from exc
         store = VectorStore(client, url, embedded=False, neighbours=settings.gallery_neighbours)
         try:
             store.list_collections()  # the client connects lazily: fail here, with the fix, not mid-ingest
@@ -673,7 +700,13 @@ def open_store(settings: Settings) -> VectorStore:
             raise StoreUnavailableError(f"cannot open the embedded store at {path}: {exc}") from exc
         # a program other than sketchsearch opened the folder with qdrant-client
         raise _locked_error(path, "another program using qdrant-client") from exc
-    except (ValueError, OSError) as exc:
+    except sqlite3.DatabaseError as exc:
+        owner.release()
+        raise StoreUnavailableError(
+            f"the embedded store at {path} is damaged ({exc}): move the folder aside and ingest again "
+            "(it holds vectors and paths, not the photo files themselves)"
+        ) from exc
+    except (ValueError, OSError, sqlite3.Error) as exc:
         owner.release()
         raise StoreUnavailableError(f"cannot open the embedded store at {path}: {exc}") from exc
     except BaseException:

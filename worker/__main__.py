@@ -9,6 +9,7 @@ import sys
 
 from encoder.errors import SketchSearchError
 from services.config import get_settings
+from services.errors import ConfigError
 from services.jobs import RedisJobStore, check_broker_url
 
 logger = logging.getLogger(__name__)
@@ -25,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
 
-    settings = get_settings()
     try:
+        settings = get_settings()
         if not settings.broker_url:
-            raise SketchSearchError(
+            raise ConfigError(
                 "SKETCHSEARCH_BROKER_URL is not set: a worker needs a broker "
                 "(without one, `sketchsearch ingest` runs jobs in-process)"
             )

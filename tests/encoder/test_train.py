@@ -16,6 +16,7 @@ from encoder.preprocess import Preprocessing
 from encoder.train import (
     Stages,
     TrainConfig,
+    ViewLoader,
     build_cache,
     draw_views,
     info_nce_loss,
@@ -155,6 +156,9 @@ def test_lite_training_step_lowers_the_loss_and_round_trips(sketchy: Path, tmp_p
     # fp16 storage keeps the id stable and the embeddings close
     half = save_checkpoint(loaded, tmp_path / "half.pt", half=True)
     assert load_checkpoint(half).model_id == ckpt.model_id
+    assert half.stat().st_size < 0.6 * out.stat().st_size
+    c = load_embedder(half, backend="torch").embed_sketches([sketch])
+    assert float((a * c).sum()) > 0.999
 
 
 @pytest.mark.slow
@@ -165,7 +169,10 @@ def test_teacher_logits_from_cached_features_are_the_imagenet_networks(sketchy: 
     model.eval()
     prep = Preprocessing(image_size=192)
     paths = sorted((sketchy / "photo" / "apple").glob("*.jpg"))[:3]
-    items = [(p, lambda rng, view, p=p: photo_input(p, prep, rng)) for p in paths]
+    def loader(path: Path) -> ViewLoader:
+        return lambda rng, view: photo_input(path, prep, rng)
+
+    items = [(p, loader(p)) for p in paths]
     stages = Stages(model, 11)
     cache = build_cache(stages, items, 1, 0, torch.device("cpu"), "test", "photo")
     from_cache = teacher_logits(model, 11, cache, torch.device("cpu"))[:, 0].float()

@@ -79,3 +79,16 @@ def test_config_command_prints_effective_settings(
     text = CliRunner().invoke(app, ["config"]).output
     get_settings.cache_clear()
     assert "SKETCHSEARCH_MODEL" in text and "SKETCHSEARCH_BROKER_URL" in text
+
+
+def test_a_bad_variable_is_a_config_error_naming_it(clean_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.errors import ConfigError
+
+    monkeypatch.setenv("SKETCHSEARCH_BATCH_SIZE", "0")
+    monkeypatch.setenv("SKETCHSEARCH_GALLERY_NEIGHBOURS", "five")
+    with pytest.raises(ConfigError) as caught:
+        get_settings()
+    assert "SKETCHSEARCH_BATCH_SIZE" in str(caught.value) and "SKETCHSEARCH_GALLERY_NEIGHBOURS" in str(caught.value)
+    result = CliRunner().invoke(app, ["stats"])
+    assert result.exit_code == 2 and "SKETCHSEARCH_BATCH_SIZE" in result.output
+    get_settings.cache_clear()

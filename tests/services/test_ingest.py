@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from services.cli import app
 from services.config import Settings, get_settings
 from services.gallery import Gallery
-from services.ingest import collect_photos, hash_file, ingest_batch, ingest_files
+from services.ingest import PhotoFile, collect_photos, hash_file, ingest_batch, ingest_files
 from services.jobs import FileJobStore, JobState, LocalJobRunner, follow_job
 from services.vector_store import photo_id
 from tests.services.gallery_support import write_bad_files
@@ -124,3 +124,31 @@ def test_cli_ingest_in_process_then_jobs(settings: Settings, photos_dir: Path) -
     jobs = json.loads(listed.stdout)
     assert [j["state"] for j in jobs] == ["done", "done"]
     assert [j["added"] for j in jobs] == [0, 24]  # newest first
+
+
+def test_a_symlinked_photo_takes_the_category_of_the_folder_it_is_found_in(
+    photos_dir: Path, tmp_path: Path
+) -> None:
+    target = sorted((photos_dir / "ant").glob("*.jpg"))[0]
+    holiday = tmp_path / "albums" / "holiday"
+    holiday.mkdir(parents=True)
+    (holiday / "beach.jpg").symlink_to(target)
+    files, rejected = collect_photos([tmp_path / "albums"])
+    assert rejected == [] and [(f.path, f.category) for f in files] == [(target.resolve(), "holiday")]
+
+
+def test_copies_of_a_corrupt_photo_in_one_batch_all_fail(gallery: Gallery, photos_dir: Path) -> None:
+    good = sorted((photos_dir / "ant").glob("*.jpg"))[0]
+    broken = photos_dir / "ant" / "broken.jpg"
+    broken.write_bytes(good.read_bytes()[:400])  # a truncated JPEG
+    copy = photos_dir / "ape" / "broken-copy.jpg"
+    copy.write_bytes(broken.read_bytes())
+    summary = ingest_batch(gallery, [PhotoFile(good, "ant"), PhotoFile(broken, "ant"), PhotoFile(copy, "ape")])
+    assert (summary.added, summary.already_present) == (1, 0)
+    assert {f.path for f in summary.failures} == {str(broken), str(copy)}
+    # copies of a good photo are stored once and the copy counts as present
+    good_copy = photos_dir / "ape" / "good-copy.jpg"
+    good_copy.write_bytes(good.read_bytes())
+    second = sorted((photos_dir / "ape").glob("n*.jpg"))[0]
+    again = ingest_batch(gallery, [PhotoFile(second, "ape"), PhotoFile(good_copy, "ape"), PhotoFile(good, "ant")])
+    assert (again.added, again.already_present, again.failures) == (1, 2, [])

@@ -36,7 +36,11 @@ def sketch(sketchy: Path) -> Path:
 def _all_scores(gallery: Gallery, vector: np.ndarray) -> dict[str, float]:
     """Cosine of a query to every stored gallery vector (what search ranks by), computed here."""
     points, _ = gallery.store.client.scroll(gallery.collection, limit=1000, with_vectors=[GALLERY_VECTOR])
-    return {str(p.id): float(np.dot(vector, np.asarray(p.vector[GALLERY_VECTOR]))) for p in points}  # type: ignore[index]
+    scores = {}
+    for p in points:
+        assert isinstance(p.vector, dict)  # named vectors
+        scores[str(p.id)] = float(np.dot(vector, np.asarray(p.vector[GALLERY_VECTOR])))
+    return scores
 
 
 def test_top_k_is_the_k_best_in_order(filled: Gallery, sketch: Path) -> None:
@@ -113,7 +117,9 @@ def test_cli_search_similar_and_stats_json(settings: Settings, photos_dir: Path,
     only = json.loads(runner.invoke(app, ["search", str(sketch), "--category", "ant", "--json"]).stdout)
     assert {h["category"] for h in only} == {"ant"}
     both = runner.invoke(app, ["search", str(sketch), "--top-k", "3", "--threshold", "0.5"])
-    assert both.exit_code != 0
+    assert both.exit_code == 2 and "not both" in both.output  # a usage error, not a crash (exit 1)
+    zero = runner.invoke(app, ["search", str(sketch), "--top-k", "0"])
+    assert zero.exit_code == 2 and "at least 1" in zero.output
 
     similar = json.loads(runner.invoke(app, ["similar", hits[0]["id"], "-k", "3", "--json"]).stdout)
     assert len(similar) == 3 and hits[0]["id"] not in {h["id"] for h in similar}

@@ -6,6 +6,7 @@ import hashlib
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from qdrant_client import models
 from encoder.neighbours import blend_gallery
 from services.config import Settings
 from services.errors import (
+    ConfigError,
     DimensionMismatchError,
     GalleryNotFoundError,
     StoreLockedError,
@@ -51,7 +53,7 @@ def _records(n: int, category: str = "cat") -> tuple[list[PhotoRecord], np.ndarr
 
 def test_photo_id_comes_from_the_hash() -> None:
     sha = "ab" * 32
-    assert photo_id(sha) == photo_id(sha)
+    assert str(uuid.UUID(photo_id(sha))) == photo_id(sha)  # a canonical UUID, as Qdrant wants point ids
     assert photo_id(sha).replace("-", "") == sha[:32]
     assert photo_id(sha) != photo_id("cd" * 32)
 
@@ -201,7 +203,7 @@ def test_reblend_rewrites_exactly_the_stale_gallery_vectors_and_floors(store: Ve
         sims = vectors @ vectors.T
         np.fill_diagonal(sims, -np.inf)
         kth = np.sort(sims, axis=1)[:, -5]
-        floors = {str(p.id): p.payload[FLOOR_KEY] for p in store.client.retrieve(name, ids, with_payload=True)}
+        floors = {str(p.id): (p.payload or {})[FLOOR_KEY] for p in store.client.retrieve(name, ids, with_payload=True)}
         assert np.allclose([floors[i] for i in ids], kth, atol=1e-5)
         assert store.existing_ids(name, ids) == set(ids)
     assert store.reblend(name) == (0, 40)
@@ -306,3 +308,35 @@ def test_unreachable_server_says_how_to_fall_back(settings: Settings) -> None:
     remote = settings.model_copy(update={"qdrant_url": "http://127.0.0.1:1"})
     with pytest.raises(StoreUnavailableError, match="unset SKETCHSEARCH_QDRANT_URL"):
         open_store(remote)
+
+
+def test_a_server_url_that_cannot_be_parsed_is_a_config_error(settings: Settings) -> None:
+    for url in ("http://127.0.0.1:abc", "ftp://qdrant"):
+        with pytest.raises(ConfigError, match="SKETCHSEARCH_QDRANT_URL"):
+            open_store(settings.model_copy(update={"qdrant_url": url}))
+
+
+def test_a_damaged_embedded_store_is_a_clear_error_and_releases_the_lock(settings: Settings) -> None:
+    with open_store(settings) as store:
+        name = store.ensure_collection("model-a-v1-0001", 8)
+    (settings.store_path / "collection" / name / "storage.sqlite").write_bytes(b"\x00not a database" * 300)
+    with pytest.raises(StoreUnavailableError, match="damaged"):
+        open_store(settings)
+    # the failed open let go of the owner lock: once the folder is moved aside, the store opens again
+    (settings.store_path).rename(settings.home / "qdrant-damaged")
+    with open_store(settings) as fresh:
+        assert fresh.list_collections() == []
+
+
+def test_losing_the_race_to_create_a_collection_uses_the_winners(
+    store: VectorStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # two workers start on an empty server: both see no collection, one creates it, the other's create fails.
+    # Here the second ensure_collection is told once that the collection is missing, so its create fails
+    # for real (qdrant-client refuses to create what exists) and it must fall back to the existing one.
+    name = store.ensure_collection("model-a-v1-0001", 8)
+    real = store.collection_dimension
+    answers = iter([None])
+    monkeypatch.setattr(store, "collection_dimension", lambda n: next(answers, real(n)))
+    assert store.ensure_collection("model-a-v1-0001", 8) == name
+    assert store.alias_target(GALLERY_ALIAS) == name
