@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from encoder.errors import ModelLoadError
+from encoder.errors import ModelLoadError, SketchSearchError
 from encoder.model import LITE_SCALING, ModelConfig, build_model
 from encoder.preprocess import Preprocessing
 
@@ -135,8 +135,8 @@ def inference_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(ckpt: Checkpoint, path: Path | str, half: bool = False) -> Path:
+    """Write `ckpt` to `path` atomically; SketchSearchError, naming the file, when it cannot be written."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in ckpt.state_dict.items()}
     payload = {
         "format": FORMAT_VERSION,
@@ -151,8 +151,20 @@ def save_checkpoint(ckpt: Checkpoint, path: Path | str, half: bool = False) -> P
         "categories": ckpt.categories,
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)  # atomic: a crash never leaves half a checkpoint under the real name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(payload, tmp)
+        tmp.replace(path)  # atomic: a crash never leaves half a checkpoint under the real name
+    except (OSError, RuntimeError) as exc:  # torch reports a file it cannot open as a RuntimeError
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the write failed for a reason that likely keeps this from working too; the cause is what matters
+        # torch's message wraps the system's reason in C++ context ("[enforce fail at ...] ... strerror: ...")
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        text = text.split("strerror:")[-1].strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        raise SketchSearchError(f"cannot write the checkpoint {path}: {reason}") from exc
     return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,6 +73,11 @@ def _sketch_photo_stem(stem: str) -> str:
 def load_dataset(root: Path | str) -> SketchyDataset:
     """Index a folder in the Sketchy layout; DatasetError if it has neither photo/ nor sketch/."""
     root = Path(root)
+    # said as such: "expected photo/ and sketch/" would send the user looking for a layout problem
+    if not root.exists():
+        raise DatasetError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a folder")
     photo_dir, sketch_dir = root / "photo", root / "sketch"
     if not photo_dir.is_dir() and not sketch_dir.is_dir():
         raise DatasetError(
@@ -96,6 +102,29 @@ def load_dataset(root: Path | str) -> SketchyDataset:
         else []
     )
     return SketchyDataset(root, photos, sketches)
+
+
+def file_message(path: Path | str, message: str) -> str:
+    """`message` about the file `path`, naming it exactly once: image errors mostly start with the file already,
+    some do not ("the sketch is empty"), and PIL repeats it inside its own ("cannot identify image file '<path>'")."""
+    name = str(path)
+    text = message.replace(f" '{name}'", "").replace(f"'{name}'", "")
+    return text if name in text else f"{name}: {text}"
+
+
+def check_categories(requested: Iterable[str], known: Iterable[str], what: str) -> None:
+    """DatasetError naming the `requested` categories that are not among `known`: a misspelt category would
+    otherwise be ignored silently and change what is trained on or measured. `what` says which ones they are
+    ("held-out", "requested")."""
+    unknown = sorted(set(requested) - set(known))
+    if not unknown:
+        return
+    names = sorted(set(known))
+    listed = ", ".join(names[:40]) + (f", ... ({len(names)} in all)" if len(names) > 40 else "")
+    noun = "category" if len(unknown) == 1 else "categories"
+    raise DatasetError(
+        f"unknown {what} {noun} {', '.join(unknown)}: the data's categories are {listed or 'none'}"
+    )
 
 
 # The validation split suggested by ../shared/data/README.md: categories never seen while choosing settings.

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from encoder.checkpoint import Checkpoint, load_checkpoint
+from encoder.data import file_message
 from encoder.errors import ModelLoadError, SketchSearchError
 from encoder.export import DOMAINS, EXPORT_VERSION, export_onnx
 from encoder.preprocess import (
@@ -143,8 +144,17 @@ class Embedder:
         return self._embed_all((prepare_photo(p, self.prep) for p in photos), "photo", batch_size)
 
     def embed_sketches(self, sketches: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
-        """Sketches (decoded or files) -> embeddings; EmptySketchError or InvalidImageError on bad input."""
-        arrays = [prepare_sketch(load_sketch(s, self.prep), self.prep) for s in sketches]
+        """Sketches (decoded or files) -> embeddings; EmptySketchError or InvalidImageError on bad input, naming
+        the file when the sketch is one."""
+        arrays = []
+        for s in sketches:
+            try:
+                arrays.append(prepare_sketch(load_sketch(s, self.prep), self.prep))
+            except SketchSearchError as exc:
+                # among a folder's sketches, "the sketch is empty" alone does not say which one
+                if not isinstance(s, str | Path) or file_message(s, str(exc)) == str(exc):
+                    raise
+                raise type(exc)(file_message(s, str(exc))) from exc
         vectors = self._embed_all(arrays, "sketch", batch_size)
         if self.prep.sketch_flip and len(arrays):
             mirrored = self._embed_all([a[:, :, ::-1].copy() for a in arrays], "sketch", batch_size)

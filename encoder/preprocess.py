@@ -21,24 +21,28 @@ logger = logging.getLogger(__name__)
 
 ImageSource = str | Path | bytes | BinaryIO | Image.Image
 
-# Our own pixel limit is checked from the header before any decoding. PIL's global limit (Image.MAX_IMAGE_PIXELS)
-# is left as it is: it protects every other Image.open in the process, and a max_pixels above it is refused there.
+# Our own pixel limit (Preprocessing.max_pixels) is checked from the header before any decoding. PIL's global limit
+# (Image.MAX_IMAGE_PIXELS, about 89M pixels) is left as it is, because it protects every other Image.open in the
+# process. PIL only warns (DecompressionBombWarning) between that limit and twice it, and raises
+# DecompressionBombError only above twice it (about 179M). Our loaders silence the warning because our own check
+# decides, so an image under max_pixels opens quietly. With a max_pixels above twice PIL's limit, a file larger than
+# twice PIL's limit is still refused, by PIL's error (an InvalidImageError here).
 DEFAULT_MAX_PIXELS = 64_000_000
 
 # A photo is embedded through a centre square crop: beyond 100:1 that crop shows under 1% of the photo, so such a
 # file is a strip, a banner or a broken header, not a photo to search; real panoramas stay well below (about 12:1).
+# Every photo within this bound is resized whole, then cropped, which is the arithmetic the models were trained with.
+# At 100:1 the resized photo is 100 crops long (15 MB at 224 px).
 MAX_PHOTO_ASPECT = 100.0
 
-# An ink crop whose square side is at most MAX_SKETCH_SQUARE is padded at full resolution, exactly as always: its
-# 64 MiB at most match the default pixel limit. A longer one (a long thin stroke) is scaled down to
-# SCALED_SKETCH_SQUARE before padding, so memory never follows the stroke's length; that side is over 9 times the
-# model's input, so the final resize loses next to nothing by the extra step (a few levels in edge pixels).
+# An ink crop is padded to a white square at full resolution, exactly as always, whenever its side is at most
+# full_square_limit(prep). That covers every crop of an image no longer than the side of a square image at
+# prep.max_pixels, margin included (8962 px, 80 MB, at the default limit), and never less than MAX_SKETCH_SQUARE.
+# A longer crop can only come from a long thin stroke across a strip of an image. It is scaled down to
+# SCALED_SKETCH_SQUARE before padding so that memory does not follow the stroke's length. That side is over 9 times
+# the model's input, so the extra step costs a few levels in edge pixels.
 MAX_SKETCH_SQUARE = 8192
 SCALED_SKETCH_SQUARE = 2048
-
-# resize_photo resizes a whole photo and crops, exactly as ever, while the resized photo's long side is at most this
-# many times the crop's (3 MiB at 224 px); a longer strip is resampled only under the crop, so memory stays bounded.
-_WHOLE_RESIZE_SIDES = 16
 
 # 16-bit integer modes PIL opens (PNG and TIFF): convert("L"/"RGB") clips them at 255 instead of rescaling.
 _MODES_16BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
@@ -74,9 +78,10 @@ def _source_name(source: ImageSource) -> str:
 def _open(source: str | Path | bytes | BinaryIO) -> Image.Image:
     name = _source_name(source)
     try:
-        if isinstance(source, bytes):
-            return Image.open(io.BytesIO(source))
-        return Image.open(source)
+        with warnings.catch_warnings():
+            # PIL warns from the header alone between its limit and twice it: our own limit, checked next, decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
     except FileNotFoundError as exc:
         raise InvalidImageError(f"{name}: no such file") from exc
     except IsADirectoryError as exc:
@@ -97,10 +102,14 @@ def _check_size(image: Image.Image, name: str, max_pixels: int, max_aspect: floa
         raise InvalidImageError(
             f"{name}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,}"
         )
-    if max_aspect is not None and max(width, height) > max_aspect * min(width, height):
+    if max_aspect is not None and _too_elongated(width, height, max_aspect):
         raise InvalidImageError(
             f"{name}: {width}x{height} is too elongated for a photo (over {max_aspect:g}:1 between its sides)"
         )
+
+
+def _too_elongated(width: int, height: int, max_aspect: float) -> bool:
+    return max(width, height) > max_aspect * min(width, height)
 
 
 @contextmanager
@@ -150,31 +159,54 @@ def _decoded(
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float grayscale rescaled to 8-bit "L"; any other mode as it is.
+    """16-bit, 32-bit integer and float grayscale as 8-bit "L", rescaled where the data is deeper; others as they are.
 
-    PIL's convert("L") or convert("RGB") clips these at 255 instead of rescaling: a 16-bit photo came out white."""
-    if image.mode in _MODES_16BIT:
-        # v / 257 maps 0..65535 onto 0..255, rounded; an 8-bit value stored as 16-bit (v * 257) comes back exact
-        values = np.asarray(image).astype(np.uint32)
-        out = ((values + 128) // 257).astype(np.uint8)
-    elif image.mode == "I":
-        # mode I declares no bit depth: take the smallest usual one that holds the data (L -> I gives 0..255,
-        # 16-bit PNG and TIFF data 0..65535); anything larger is stretched from 0 to its maximum
-        values = np.asarray(image).astype(np.float64)
-        top = float(values.max())
-        white = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
-        out = np.clip(np.rint(values * (255.0 / white)), 0, 255).astype(np.uint8)
+    PIL's convert("L") or convert("RGB") clips these at 255 instead of rescaling: a 16-bit photo came out white. Data
+    that PIL's conversion already handled (8-bit values in a wider mode, floats 0..255) comes out exactly as it did."""
+    if image.mode in _MODES_16BIT or image.mode == "I":
+        out = _integer_to_8bit(np.asarray(image))
     elif image.mode == "F":
-        # float data is either 0..1 (numpy, float TIFF), which convert() turns black, or 0..255 (PIL's L -> F)
-        values = np.nan_to_num(np.asarray(image).astype(np.float64), nan=0.0, posinf=255.0, neginf=0.0)
-        scale = 255.0 if float(values.max()) <= 1.0 else 1.0
-        out = np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
+        out = _float_to_8bit(image)
     else:
         return image
     converted = Image.fromarray(out)
     if "original_size" in image.info:
         converted.info["original_size"] = image.info["original_size"]
     return converted
+
+
+def _integer_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Integer grayscale -> uint8, at the smallest usual bit depth that holds the data.
+
+    Neither mode I nor a 16-bit file says what depth its values use. L -> I or L -> I;16 conversions, and 8-bit data
+    saved as 16-bit, hold 0..255: those values are kept as they are, exactly what PIL's clipping conversion gave.
+    16-bit PNG and TIFF data (0..65535) is divided by 257, rounded, so an 8-bit value stored as v * 257 comes back
+    exactly. Anything larger is stretched from 0 to its maximum. A really 16-bit image that is so dark that nothing
+    exceeds 255 reads as 8-bit, and brighter: the data cannot tell the two apart."""
+    top = int(values.max())
+    if top <= 255:
+        return np.clip(values, 0, 255).astype(np.uint8)
+    if top <= 65535:
+        # v / 257, rounded: 257 is odd, so there are no ties to break
+        return ((np.clip(values, 0, None).astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return np.clip(np.rint(values * (255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def _float_to_8bit(image: Image.Image) -> np.ndarray:
+    """Float grayscale -> uint8: 0..1 data (numpy, float TIFF) scaled by 255, anything else PIL's own conversion.
+
+    PIL's F -> L clips to 0..255 and truncates towards zero (12.7 -> 12, 300 -> 255, -3 -> 0), which is what 0..255
+    float data (PIL's L -> F) always got; it is kept bit for bit. Data whose finite maximum is at most 1.0 is taken
+    as 0..1 and scaled by 255, rounded. convert() would turn it black. An all but black 0..255 image (nothing brighter
+    than 1) is also read as 0..1 and comes out stretched: the data cannot tell the two apart. NaN is black."""
+    values = np.asarray(image, dtype=np.float32)
+    finite = np.isfinite(values)
+    top = float(values[finite].max()) if finite.any() else 0.0
+    # NaN made 0 before PIL sees it (its conversion leaves NaN undefined); +-inf clip to 255 and 0 as in PIL
+    clean = np.where(np.isnan(values), np.float32(0), values)
+    if top <= 1.0:
+        return np.clip(np.rint(clean.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(clean).convert("L"))
 
 
 def original_size(image: Image.Image) -> tuple[int, int]:
@@ -215,10 +247,19 @@ def load_sketch(source: ImageSource, prep: Preprocessing | None = None) -> Image
     return gray
 
 
+def full_square_limit(prep: Preprocessing) -> int:
+    """The longest square side crop_sketch pads at full resolution, exactly as always, for these settings.
+
+    The square crop_sketch makes for an ink extent as long as the side of a square image at prep.max_pixels (the
+    same arithmetic, so every shorter extent fits too); at least MAX_SKETCH_SQUARE."""
+    return max(MAX_SKETCH_SQUARE, int(round(math.isqrt(prep.max_pixels) * (1 + 2 * prep.sketch_margin))) + 2)
+
+
 def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
     """Crop a black-on-white sketch to its ink with a margin and pad it to a white square.
 
-    A square longer than MAX_SKETCH_SQUARE (a long thin stroke) comes out scaled down to SCALED_SKETCH_SQUARE."""
+    A square longer than full_square_limit(prep) (only a long thin stroke across a strip of an image makes one) comes
+    out scaled down to SCALED_SKETCH_SQUARE."""
     gray = sketch.convert("L")
     pixels = np.asarray(gray)
     ink = pixels < (255 - prep.ink_level)
@@ -234,10 +275,12 @@ def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
     # only the part of the square inside the image is copied; the rest of the square is white paper
     ix0, iy0 = max(x0, 0), max(y0, 0)
     ix1, iy1 = min(x0 + side, gray.width), min(y0 + side, gray.height)
-    if side <= MAX_SKETCH_SQUARE:
-        canvas = Image.new("L", (side, side), 255)
-        canvas.paste(gray.crop((ix0, iy0, ix1, iy1)), (ix0 - x0, iy0 - y0))
-        return canvas
+    if side <= full_square_limit(prep):
+        # copied with numpy, not Image.crop: PIL's bomb check would warn or raise for a large crop of an image that
+        # has passed our own limit already
+        square = np.full((side, side), 255, dtype=np.uint8)
+        square[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = pixels[iy0:iy1, ix0:ix1]
+        return Image.fromarray(square)
     # scale the image part down first, then pad: memory follows SCALED_SKETCH_SQUARE, not the stroke's length
     target = SCALED_SKETCH_SQUARE
     scale = target / side
@@ -291,17 +334,20 @@ def _normalise(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def resize_photo(photo: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` and centre-crop a square; the work is bounded by `size` at any aspect."""
+    """Resize the shorter side to `size` and centre-crop a square; the work is bounded by `size` at any aspect.
+
+    Up to MAX_PHOTO_ASPECT between the sides, the whole photo is resized and then cropped, exactly as always."""
     w, h = photo.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     left, top = (nw - size) // 2, (nh - size) // 2
-    if max(nw, nh) <= _WHOLE_RESIZE_SIDES * size:
-        # the arithmetic the shipped models were trained with, bit for bit
+    if not _too_elongated(w, h, MAX_PHOTO_ASPECT):
+        # every photo load_photo accepts: the arithmetic the shipped models were trained with, bit for bit
         resized = photo.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
         return resized.crop((left, top, left + size, top + size))
-    # a long strip: resample only the region under the crop (its edges in source pixels), at the positions the
-    # whole-photo resize would use, up to float rounding (a level or so in a few pixels)
+    # only a direct caller's strip beyond MAX_PHOTO_ASPECT: resample just the region under the crop (its edges in
+    # source pixels) so the work stays bounded. Close to the whole resize but not bit-identical: PIL's float
+    # rounding differs with the box, one level in up to a quarter of the values for some strips
     box = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
     return photo.resize((size, size), Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 

@@ -10,8 +10,11 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
+import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,7 +27,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from encoder.checkpoint import Checkpoint, inference_state, save_checkpoint
-from encoder.data import SketchyDataset, load_dataset
+from encoder.data import SketchyDataset, check_categories, file_message, load_dataset
 from encoder.errors import DatasetError, SketchSearchError
 from encoder.metrics import retrieval_metrics
 from encoder.model import (
@@ -140,6 +143,10 @@ class TrainConfig:
 # already falls below that target in fp32 (142 photos/s end to end, docs/BENCHMARKS.md, seventh session).
 DEFAULT_IMAGE_SIZE = {"seed": 96, "lite0": 192, "lite1": 192, "lite2": 192}
 
+# the fewest pairs (of distinct photos) a training batch holds: a smaller remainder is dropped, since the in-batch
+# negatives of two or three pairs teach little. So it is also the smallest usable --batch-size (the CLI restates it).
+MIN_BATCH = 4
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -196,9 +203,14 @@ def draw_views(n: int, views: int, mirror_pairs: bool, rng: random.Random) -> tu
 def sketch_input(
     path: Path, prep: Preprocessing, rng: random.Random | None, mirror: bool | None = None
 ) -> np.ndarray:
-    square = crop_sketch(load_sketch(path, prep), prep).resize(
-        (prep.image_size, prep.image_size), Image.Resampling.LANCZOS
-    )
+    try:
+        cropped = crop_sketch(load_sketch(path, prep), prep)
+    except SketchSearchError as exc:
+        # "the sketch is empty" alone does not say which of thousands
+        if file_message(path, str(exc)) == str(exc):
+            raise
+        raise type(exc)(file_message(path, str(exc))) from exc
+    square = cropped.resize((prep.image_size, prep.image_size), Image.Resampling.LANCZOS)
     if rng is not None:
         square = _affine(square, rng, 255, mirror)
     return _normalise(np.asarray(square), prep)
@@ -514,21 +526,93 @@ def _device(name: str) -> torch.device:
 
 
 def _discover_sets(paths: list[Path]) -> list[Path]:
-    """Sketchy-layout folders under the given paths; folders named 'test' only when named directly."""
+    """Sketchy-layout folders under the given paths; folders named 'test' only when named directly.
+
+    Every path must be a folder that yields at least one: a misspelt one beside a good one would otherwise
+    train (or fit) on less data than asked, without a word."""
+    missing = [str(p) for p in paths if not p.is_dir()]
+    if missing:
+        raise DatasetError(f"no such folder: {', '.join(missing)}")
     found: list[Path] = []
+    empty: list[str] = []
     for path in paths:
         if (path / "photo").is_dir() or (path / "sketch").is_dir():
             found.append(path)
             continue
+        before = len(found)
         for sub in sorted(path.rglob("photo")):
             root = sub.parent
             if root.name != "test" and root not in found:
                 found.append(root)
-    if not found:
+        if len(found) == before:
+            empty.append(str(path))
+    if empty:
         raise DatasetError(
-            f"no folder in the Sketchy layout (photo/, sketch/) under {', '.join(map(str, paths))}"
+            f"no folder in the Sketchy layout (photo/, sketch/) under {', '.join(empty)} "
+            "(folders named test count only when named directly)"
         )
     return found
+
+
+def check_writable(path: Path, what: str) -> None:
+    """SketchSearchError unless a file can be written at `path` (its folder is created): said before a run of
+    minutes or hours, not after it. `what` names the file in the message ("the checkpoint")."""
+    if path.is_dir():
+        raise SketchSearchError(f"cannot write {what} to {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # a file where a folder must be is the usual cause: name it rather than echo "File exists"
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is a file, not a folder" if blocking else (exc.strerror or str(exc))
+        raise SketchSearchError(f"cannot write {what} to {path}: {reason}") from exc
+    try:
+        # the only sure test of a folder (permissions, read-only or virtual file systems): make a file in it
+        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SketchSearchError(
+            f"cannot write {what} to {path}: cannot create a file in {path.parent} ({exc.strerror or exc})"
+        ) from exc
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SketchSearchError(f"cannot write {what} to {path}: the file is not writable")
+
+
+def _is_checkpoint_file(path: Path) -> bool:
+    """Whether `path` holds a sketchsearch checkpoint (of any state: a damaged one is still ours to replace)."""
+    try:
+        # mmap: only the pickled header is read, not the weights
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # anything torch cannot read as a checkpoint of tensors is someone else's file
+        return False
+    return isinstance(payload, dict) and "format" in payload and "state_dict" in payload
+
+
+def check_checkpoint_output(path: Path) -> None:
+    """SketchSearchError unless a checkpoint can be written to `path`: writable, and not an existing file that is
+    something else (a checkpoint is replaced, anything else is kept: a mistyped path must not destroy a file)."""
+    if path.is_file() and not _is_checkpoint_file(path):
+        raise SketchSearchError(
+            f"{path} exists and is not a sketchsearch checkpoint: not overwriting it (choose another output path)"
+        )
+    check_writable(path, "the checkpoint")
+
+
+def validation_keys(sets: list[SketchyDataset]) -> list[str]:
+    """Each validation set's key in the metrics: its folder's name ('test', 'data', as in the shipped checkpoints),
+    with its parent folder's name where two sets share one and a number where even that repeats, so that one
+    set's results never overwrite another's (and the threshold is calibrated on the first set, as documented)."""
+    names = [s.root.name or s.root.resolve().name for s in sets]
+    shared = Counter(names)
+    keys = [f"{s.root.resolve().parent.name}/{n}" if shared[n] > 1 else n for s, n in zip(sets, names, strict=True)]
+    repeats: Counter[str] = Counter(keys)
+    seen: Counter[str] = Counter()
+    numbered = []
+    for key in keys:
+        seen[key] += 1
+        numbered.append(f"{key}#{seen[key]}" if repeats[key] > 1 else key)
+    return numbered
 
 
 def train(
@@ -538,9 +622,21 @@ def train(
     progress: bool = True,
     max_pairs: int | None = None,
 ) -> Checkpoint:
-    """Train a model on Sketchy-layout folders; write `out` (a checkpoint) and return it."""
+    """Train a model on Sketchy-layout folders; write `out` (a checkpoint) and return it.
+
+    What can be checked before the frozen features are cached is (settings, data, the output): an error found
+    only at the end would cost the whole run."""
     from tqdm import tqdm
 
+    if cfg.epochs < 1:
+        raise SketchSearchError(f"epochs must be at least 1 (not {cfg.epochs})")
+    if cfg.batch_size < MIN_BATCH:
+        raise SketchSearchError(
+            f"the batch size must be at least {MIN_BATCH} (not {cfg.batch_size}): "
+            f"batches of fewer than {MIN_BATCH} pairs are not trained on"
+        )
+    out = Path(out)
+    check_checkpoint_output(out)
     t_start = time.time()
     seed_everything(cfg.seed)
     device = _device(cfg.device)
@@ -552,13 +648,17 @@ def train(
     # ---- data
     sets = [load_dataset(p) for p in _discover_sets([Path(p) for p in data_dirs])]
     holdout = set(cfg.holdout)
+    check_categories(holdout, {c for s in sets for c in s.categories}, "held-out")
     train_sets = [s.subset(exclude=holdout) for s in sets]
     val_sets = [s.subset(categories=holdout) for s in sets if holdout]
     val_sets += [load_dataset(p) for p in cfg.val_dirs]
     val_sets = [v for v in val_sets if v.photos]
     categories = sorted({c for s in train_sets for c in s.categories})
     if not categories:
-        raise DatasetError("no training categories left after the holdout")
+        where = ", ".join(str(s.root) for s in sets)
+        if holdout:
+            raise DatasetError(f"no training categories left after the holdout: all of {where} is held out")
+        raise DatasetError(f"no photos or sketches to train on in {where}")
     cat_index = {c: i for i, c in enumerate(categories)}
 
     # ---- model
@@ -639,6 +739,18 @@ def train(
     )
     if not real_pairs and not pseudo:
         raise DatasetError("no sketch/photo pairs to train on: sketches must be named <photo stem>-<n>")
+    # an epoch's batches hold pairs of distinct photos, at least MIN_BATCH of them (make_batches): with fewer,
+    # every epoch would be empty and an untrained model saved as if trained
+    drawn_pseudo = pseudo if cfg.pseudo_per_epoch > 0 else []
+    drawn = len(real_pairs) + min(len(pseudo), cfg.pseudo_per_epoch)
+    distinct = len({sketch_photo[i] for i in real_pairs + drawn_pseudo})
+    if drawn < MIN_BATCH or distinct < MIN_BATCH:
+        raise DatasetError(
+            f"too few pairs to train on: {len(real_pairs)} sketch/photo pairs"
+            + (f" and {len(pseudo)} pseudo-sketch pairs ({min(len(pseudo), cfg.pseudo_per_epoch)} an epoch)"
+               if pseudo else "")
+            + f" of {distinct} distinct photos; a training batch needs at least {MIN_BATCH} pairs of distinct photos"
+        )
 
     used_sketches = sorted(set(real_pairs) | set(pseudo))
     used_photos = sorted({sketch_photo[i] for i in used_sketches})
@@ -776,17 +888,19 @@ def train(
                     photos_in.add(sketch_photo[i])
                 else:
                     deferred.append(i)
-            if len(current) < 4:
+            if len(current) < MIN_BATCH:
                 break
             batches.append(current)
             chosen = deferred
         return batches
 
+    val_keys = validation_keys([v for v, _, _ in val_caches])
+
     def validate(neighbours: int = 0) -> dict[str, Any]:
         stages.set_train(False)
         results = {}
-        for v, vs, vp in val_caches:
-            results[str(v.root.name)] = retrieval_metrics(
+        for key, (v, vs, vp) in zip(val_keys, val_caches, strict=True):
+            results[key] = retrieval_metrics(
                 embed_cache(stages, vs, "sketch", device),
                 blend_gallery(embed_cache(stages, vp, "photo", device), neighbours),
                 v,
@@ -830,6 +944,11 @@ def train(
     for epoch in range(1, cfg.epochs + 1):
         stages.set_train(True)
         batches = make_batches()
+        if not batches:  # the check above rules this out unless a small pseudo-sketch draw repeats photos
+            raise DatasetError(
+                f"epoch {epoch} drew no batch of {MIN_BATCH} pairs of distinct photos: add pairs or raise "
+                "pseudo_per_epoch"
+            )
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:
@@ -994,10 +1113,16 @@ def _validation_sets(
     sets: list[SketchyDataset], exclude: set[str], val_dirs: list[Path] | None, threshold: float | None
 ) -> list[SketchyDataset]:
     """The held-out categories of the data, then the extra folders; one of them must calibrate the threshold."""
+    check_categories(exclude, {c for s in sets for c in s.categories}, "held-out")
     val_sets = [s.subset(categories=exclude) for s in sets if exclude] + [load_dataset(p) for p in val_dirs or []]
     val_sets = [v for v in val_sets if v.photos]
     if threshold is None and not val_sets:
         # whitening and the join change the scores' scale, so the old model's threshold would be wrong
+        if exclude:
+            raise SketchSearchError(
+                f"no threshold for the new model: the held-out categories ({', '.join(sorted(exclude))}) have no "
+                "photos to calibrate one on: give validation data (--val) or a threshold (--threshold)"
+            )
         raise SketchSearchError(
             "no threshold for the new model: give held-out categories or validation data to calibrate one "
             "(--holdout, --val), or a threshold (--threshold)"
@@ -1015,11 +1140,11 @@ def _validate_checkpoint(
 
     embedder = Embedder(ckpt)
     plain, blended = {}, {}
-    for v in val_sets:
+    for key, v in zip(validation_keys(val_sets), val_sets, strict=True):
         sketches, photos = embedder.embed_sketches([s.path for s in v.sketches]), embed_gallery(embedder, v)
-        plain[str(v.root.name)] = retrieval_metrics(sketches, photos, v)
+        plain[key] = retrieval_metrics(sketches, photos, v)
         if neighbours > 0:
-            blended[str(v.root.name)] = retrieval_metrics(sketches, blend_gallery(photos, neighbours), v)
+            blended[key] = retrieval_metrics(sketches, blend_gallery(photos, neighbours), v)
     return plain, blended
 
 

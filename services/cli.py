@@ -59,7 +59,7 @@ CalibrationNeighbours = Annotated[
 def train_command(
     data_dirs: Annotated[list[Path], typer.Argument(help="Sketchy-layout folder(s), or a folder holding several.")],
     model: Annotated[str, typer.Option(help="seed, lite0, lite1 or lite2.")] = "lite1",
-    epochs: Annotated[int, typer.Option(help="Passes over the training pairs.")] = 8,
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training pairs.")] = 8,
     out: Annotated[
         Path, typer.Option(help="Output folder (gets model.pt), or a checkpoint file name ending in .pt.")
     ] = Path("runs"),
@@ -69,7 +69,8 @@ def train_command(
         list[Path] | None, typer.Option(help="Folder(s) of HED pseudo-sketches: <dir>/<category>/<stem>.png.")
     ] = None,
     embed_dim: Annotated[int, typer.Option(help="Embedding dimension.")] = 512,
-    batch_size: Annotated[int, typer.Option(help="Sketch/photo pairs per step.")] = 48,
+    # min: encoder.train.MIN_BATCH, restated so that a usage error needs no torch import (a test keeps them equal)
+    batch_size: Annotated[int, typer.Option(min=4, help="Sketch/photo pairs per step (at least 4).")] = 48,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     device: Annotated[str, typer.Option(help="auto (CUDA when present), cpu or cuda.")] = "auto",
     name: Annotated[str, typer.Option(help="Model name (the id adds a weight hash).")] = "",
@@ -251,8 +252,10 @@ def _save_refit(
     """Refit the model on its training data (`fit(start(model), data_dirs, *settings, ...)`), write it and print
     its id, width, threshold and validation, or fail clearly."""
     from encoder.checkpoint import load_checkpoint, save_checkpoint
+    from encoder.train import check_checkpoint_output
 
     try:
+        check_checkpoint_output(out)  # before the fit, which embeds the whole training data
         ckpt = fit(
             start(load_checkpoint(model)), list(data_dirs), *settings,
             holdout=[c for c in holdout.split(",") if c], val_dirs=list(val or []), threshold=threshold,
@@ -334,6 +337,10 @@ def eval_command(
 
     neighbours = _gallery_neighbours(gallery_neighbours)
     try:
+        if json_path:
+            from encoder.train import check_writable
+
+            check_writable(json_path, "the JSON report")  # before the evaluation, not after it
         embedder = load_embedder(None if model == "default" else model, backend=backend)
         report = evaluate_dataset(
             data_dir, embedder, categories={c for c in categories.split(",") if c} or None, neighbours=neighbours
@@ -343,8 +350,10 @@ def eval_command(
         return
     typer.echo(format_report(report))
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(report.to_json(), indent=2))
+        try:
+            json_path.write_text(json.dumps(report.to_json(), indent=2))
+        except OSError as exc:  # checked above, but the disk can fill or the folder go in the meantime
+            _fail(SketchSearchError(f"cannot write the JSON report to {json_path}: {exc.strerror or exc}"))
 
 
 # --- the gallery platform: config, ingest, worker, jobs, search, similar, stats ---------------------------
@@ -482,6 +491,8 @@ def ingest_command(
                     job = _follow(runner.jobs, job.id, None, runner)
                 except KeyboardInterrupt:
                     runner.cancel(job.id)
+                    # a thread that died without its record raises here as a SketchSearchError (handled
+                    # below, with its fix), not as the thread's raw OSError and a traceback
                     runner.wait(job.id)
                     typer.echo("interrupted: run the same command again to add what is missing", err=True)
                     raise typer.Exit(code=130) from None

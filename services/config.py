@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,30 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from services.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+# scheme://user:password@ -- greedy up to the last @ of the authority, as urllib splits it, so a password
+# holding an unescaped @ is masked whole
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#]*)@")
+# credentials in the query string: redis-py reads redis://host/0?password=..., and a Qdrant URL may carry
+# its API key the same way
+_URL_SECRET_PARAM = re.compile(
+    r"(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey|api-key)=)[^&#\s]*",
+    re.IGNORECASE,
+)
+
+
+def mask_url(text: str) -> str:
+    """`text` with the password or key of every URL in it replaced by ***. Broker and Qdrant URLs carry
+    credentials, and error messages, job records and `sketchsearch config` are read by people who should not
+    see them. It lives here, beside the settings that hold those URLs, because jobs and the vector store both
+    print them."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        user, colon, _ = match["userinfo"].partition(":")
+        # user:password keeps the user; a lone userinfo (redis://secret@host) may itself be the password
+        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
+
+    return _URL_SECRET_PARAM.sub(lambda m: f"{m['key']}***", _URL_USERINFO.sub(userinfo, text))
 
 
 class Settings(BaseSettings):

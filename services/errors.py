@@ -17,6 +17,11 @@ class StoreLockedError(StoreUnavailableError):
     """The embedded store is already open in another process (qdrant local mode allows one)."""
 
 
+class CollectionExistsError(SketchSearchError):
+    """A collection (or alias) created while another process created the same one: the losing side of a race
+    that ensure_collection resolves by using the winner's."""
+
+
 class DimensionMismatchError(SketchSearchError):
     """A collection whose vectors do not have the model's dimension; it is never written into."""
 
@@ -31,6 +36,11 @@ class PhotoNotFoundError(SketchSearchError):
 
 class BrokerUnavailableError(SketchSearchError):
     """The Celery broker (Redis) cannot be reached."""
+
+
+class JobStoreError(SketchSearchError):
+    """Redis answered a job-record command with an error that waiting will not fix (WRONGTYPE, NOPERM, OOM,
+    READONLY, a wrong password): unlike BrokerUnavailableError, retrying the same command is pointless."""
 
 
 class JobNotFoundError(SketchSearchError):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
 import time
 import uuid
@@ -19,8 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from encoder.errors import SketchSearchError
-from services.config import Settings
-from services.errors import BrokerUnavailableError, ConfigError, JobNotFoundError, JobRecordError
+from services.config import Settings, mask_url
+from services.errors import (
+    BrokerUnavailableError,
+    ConfigError,
+    JobNotFoundError,
+    JobRecordError,
+    JobStoreError,
+)
 from services.ingest import IngestFailure, IngestSummary, PhotoFile, ingest_batch, split_batches
 
 if TYPE_CHECKING:
@@ -33,23 +38,6 @@ _REDIS_PREFIX = "sketchsearch:job:"
 _REDIS_INDEX = "sketchsearch:jobs"
 _RECORD_TTL_S = 30 * 24 * 3600
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-# scheme://user:password@ -- greedy up to the last @ of the authority, as urllib splits it, so a password
-# holding an unescaped @ is masked whole
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^\s/?#]*)@")
-# redis-py also reads credentials from the query string (redis://host/0?password=...)
-_URL_SECRET_PARAM = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|api_key)=)[^&#\s]*", re.IGNORECASE)
-
-
-def mask_url(text: str) -> str:
-    """`text` with the password of every URL in it replaced by ***: broker URLs carry credentials, and
-    error messages, job records and `sketchsearch config` are read by people who should not see them."""
-
-    def userinfo(match: re.Match[str]) -> str:
-        user, colon, _ = match["userinfo"].partition(":")
-        # user:password keeps the user; a lone userinfo (redis://secret@host) may itself be the password
-        return f"{match['scheme']}{user}:***@" if colon else f"{match['scheme']}***@"
-
-    return _URL_SECRET_PARAM.sub(lambda m: f"{m['key']}***", _URL_USERINFO.sub(userinfo, text))
 
 
 class JobState(StrEnum):
@@ -296,7 +284,16 @@ class RedisJobStore:
         import redis
 
         self.url = url
+        # Only a Redis that cannot be reached (or answered too late) is worth waiting for: the worker hands
+        # such a batch back to the queue. A Redis that answers with an error (WRONGTYPE, NOPERM, OOM,
+        # READONLY) or refuses the password answers the same way next time, so retrying it would loop.
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
+        self._transient: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._refused: tuple[type[BaseException], ...] = (
+            # ConnectionErrors to redis-py, but a wrong password or a user without rights stays so
+            redis.exceptions.AuthenticationError,
+            redis.exceptions.AuthorizationError,
+        )
         try:
             self.client = redis.Redis.from_url(
                 url, socket_connect_timeout=3, socket_timeout=10, decode_responses=True
@@ -316,7 +313,14 @@ class RedisJobStore:
         try:
             yield
         except self._redis_errors as exc:
-            raise BrokerUnavailableError(broker_hint(self.url, exc)) from exc
+            if isinstance(exc, self._transient) and not isinstance(exc, self._refused):
+                raise BrokerUnavailableError(broker_hint(self.url, exc)) from exc
+            raise JobStoreError(
+                mask_url(
+                    f"the job records in Redis at {self.url} refused the command ({type(exc).__name__}: {exc}); "
+                    "retrying will not help: fix the Redis server or SKETCHSEARCH_BROKER_URL"
+                )
+            ) from exc
 
     def ping(self) -> None:
         with self._translated():
@@ -495,7 +499,7 @@ def submit_celery_ingest(
             job.error = mask_url(f"enqueueing stopped after {sent} of {len(batches)} batches: {exc}")
             try:
                 store.update_meta(job)
-            except BrokerUnavailableError as record_exc:
+            except (BrokerUnavailableError, JobStoreError) as record_exc:
                 logger.warning("job %s: cannot record that enqueueing stopped: %s", job.id, record_exc)
             if isinstance(exc, broker_errors):
                 raise BrokerUnavailableError(broker_hint(settings.broker_url, exc)) from exc
@@ -573,8 +577,14 @@ class LocalJobRunner:
             self._cancel[job_id].set()
 
     def wait(self, job_id: str, timeout: float | None = None) -> None:
-        if job_id in self._futures:
-            self._futures[job_id].result(timeout=timeout)
+        """Block until the job's thread ends (TimeoutError after `timeout` s). What ended it without a record
+        is raised as raise_if_failed does, a SketchSearchError with its fix, never the thread's raw exception
+        (an OSError from a full disk would reach the user as a traceback)."""
+        future = self._futures.get(job_id)
+        if future is None:
+            return
+        future.exception(timeout=timeout)  # waits; the exception itself is raised below, translated
+        self.raise_if_failed(job_id)
 
     def thread_done(self, job_id: str) -> bool:
         """Whether the job's thread has ended (normally or not); a job of another runner counts as ended."""

@@ -6,6 +6,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import sqlite3
 import sys
 import threading
@@ -23,8 +24,9 @@ from qdrant_client import QdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from encoder.neighbours import NeighbourIndex, blend_neighbours
-from services.config import Settings
+from services.config import Settings, mask_url
 from services.errors import (
+    CollectionExistsError,
     ConfigError,
     DimensionMismatchError,
     GalleryNotFoundError,
@@ -38,6 +40,15 @@ logger = logging.getLogger(__name__)
 GALLERY_ALIAS = "gallery"
 COLLECTION_PREFIX = "photos"
 _LOCK_MESSAGE = "already accessed by another instance"
+# How local mode words a missing collection and a name that is taken: plain ValueErrors, which it also raises
+# for wrong arguments (a vector of the wrong dimension), so only these two are recognised by their text.
+_LOCAL_MISSING = re.compile(r"Collection (?P<name>\S+) not found")
+_LOCAL_EXISTS = re.compile(r"(?:Collection|Alias) (?P<name>\S+) already exists")
+# and how a server words a missing collection (404 alone could be a wrong URL path)
+_SERVER_MISSING = re.compile(r"Collection `(?P<name>[^`]+)` doesn't exist")
+# SQLite's primary result codes for a file that is damaged or not a database at all
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_INGEST_HINT = "ingest photos with `sketchsearch ingest PATH`"
 # Reads by id are chunked so that one request stays small whatever the batch size.
 _RETRIEVE_CHUNK = 256
 # Each point holds two vectors: the photo's own embedding, and the gallery vector that searches rank by (the
@@ -110,19 +121,61 @@ class SearchHit:
         return {"id": self.id, "path": self.path, "score": self.score, "category": self.category}
 
 
+def _sqlite_damaged(exc: sqlite3.Error) -> bool:
+    """Whether SQLite says the file itself is damaged, as opposed to unreadable for now (locked, a failing
+    disk, missing permissions): only then is moving the store aside the fix."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None and code & 0xFF in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return True
+    text = str(exc).lower()
+    return "not a database" in text or "malformed" in text
+
+
+def _damaged_advice(location: str) -> str:
+    return (
+        f"the embedded store at {location} is damaged: move the folder aside and ingest again "
+        "(it holds vectors and paths, not the photo files themselves)"
+    )
+
+
+def _missing_collection(what: str, name: str, location: str) -> GalleryNotFoundError:
+    return GalleryNotFoundError(
+        f"{what}: collection {name} is not in the vector store at {location} (deleted meanwhile?): "
+        f"{_INGEST_HINT} again to build it"
+    )
+
+
 @contextmanager
 def _translated(what: str, location: str) -> Iterator[None]:
-    """Turn qdrant-client and transport exceptions into StoreUnavailableError, once, at the boundary."""
+    """Turn qdrant-client and transport exceptions into our errors, once, at the boundary: what may pass with
+    time (an unreachable server, an error answer, a failing disk) is StoreUnavailableError, which the worker
+    retries; a missing collection is GalleryNotFoundError and a taken name CollectionExistsError, which waiting
+    does not change. Other ValueErrors are wrong arguments (a bug) and propagate as they are. Messages are
+    masked: a server URL, and the errors that quote it, may carry an API key."""
     try:
         yield
     except (ResponseHandlingException, ConnectionError, TimeoutError) as exc:
-        raise StoreUnavailableError(f"{what}: cannot reach the vector store at {location} ({exc})") from exc
+        raise StoreUnavailableError(
+            mask_url(f"{what}: cannot reach the vector store at {location} ({exc})")
+        ) from exc
     except UnexpectedResponse as exc:
-        raise StoreUnavailableError(f"{what}: the vector store at {location} answered {exc}") from exc
-    except sqlite3.Error as exc:  # local mode's storage: a full disk, a damaged file
+        content = exc.content.decode("utf-8", "replace")
+        if exc.status_code == 404 and (missing := _SERVER_MISSING.search(content)):
+            raise _missing_collection(what, missing["name"], location) from exc
+        if exc.status_code == 409 or "already exists" in content:
+            raise CollectionExistsError(mask_url(f"{what}: the vector store at {location} answered {exc}")) from exc
+        raise StoreUnavailableError(mask_url(f"{what}: the vector store at {location} answered {exc}")) from exc
+    except sqlite3.Error as exc:  # local mode's storage: a full disk, a locked or damaged file
+        if _sqlite_damaged(exc):
+            raise StoreUnavailableError(f"{what}: {_damaged_advice(location)} ({exc})") from exc
         raise StoreUnavailableError(f"{what}: the embedded store at {location} failed ({exc})") from exc
-    except ValueError as exc:  # local mode reports a missing collection (deleted meanwhile) this way
-        raise StoreUnavailableError(f"{what}: the vector store at {location} refused it ({exc})") from exc
+    except ValueError as exc:
+        text = str(exc)
+        if missing := _LOCAL_MISSING.fullmatch(text):
+            raise _missing_collection(what, missing["name"], location) from exc
+        if _LOCAL_EXISTS.fullmatch(text):
+            raise CollectionExistsError(f"{what}: {text} in the vector store at {location}") from exc
+        raise
 
 
 class VectorStore:
@@ -232,9 +285,10 @@ class VectorStore:
                     self.client.create_collection(
                         name, vectors_config={PHOTO_VECTOR: params, GALLERY_VECTOR: params}
                     )
-            except StoreUnavailableError:
+            except (CollectionExistsError, StoreUnavailableError):
                 # several workers starting on an empty server race to create it: the losers get a conflict,
-                # and the collection the winner made is just as good
+                # and the collection the winner made is just as good. A create that timed out or failed in
+                # transit may have been applied all the same, so it is checked the same way.
                 size = self.collection_dimension(name)
                 if size is None:
                     raise
@@ -250,7 +304,7 @@ class VectorStore:
             self.speed_up_local_writes()
         try:
             self._point_alias(name)
-        except StoreUnavailableError:
+        except (CollectionExistsError, StoreUnavailableError):
             # the same race on the alias: fine if it now points here, an error if another model took it
             if self.alias_target(GALLERY_ALIAS) != name:
                 raise
@@ -264,7 +318,7 @@ class VectorStore:
             self.check_dimension(name, size, dim, model_id)
             return name
         target = self.alias_target(GALLERY_ALIAS)
-        hint = "ingest photos with `sketchsearch ingest PATH`"
+        hint = _INGEST_HINT
         if target is not None:
             target_size = self.collection_dimension(target)
             same_model = f"{COLLECTION_PREFIX}-{model_id}-d{dim}"
@@ -669,13 +723,15 @@ def open_store(settings: Settings) -> VectorStore:
     only one process may hold (StoreLockedError otherwise)."""
     if settings.qdrant_url:
         url = settings.qdrant_url
+        shown = mask_url(url)  # the URL may carry the API key (https://key@host, ?api_key=): never printed
         # no version check: it is a request at construction that warns instead of failing; the
         # list_collections() below is the check that matters (reachable, and answering)
         try:
             client = QdrantClient(url=url, api_key=settings.qdrant_api_key, timeout=30, check_compatibility=False)
         except ValueError as exc:  # urllib3's LocationParseError, or a scheme qdrant-client does not know
-            raise ConfigError(f"SKETCHSEARCH_QDRANT_URL={url} is not a usable URL ({exc})") from exc
-        store = VectorStore(client, url, embedded=False, neighbours=settings.gallery_neighbours)
+            raise ConfigError(mask_url(f"SKETCHSEARCH_QDRANT_URL={url} is not a usable URL ({exc})")) from exc
+        # location is what messages and logs show, so it is the masked URL; the client keeps the real one
+        store = VectorStore(client, shown, embedded=False, neighbours=settings.gallery_neighbours)
         try:
             store.list_collections()  # the client connects lazily: fail here, with the fix, not mid-ingest
         except StoreUnavailableError as exc:
@@ -700,13 +756,14 @@ def open_store(settings: Settings) -> VectorStore:
             raise StoreUnavailableError(f"cannot open the embedded store at {path}: {exc}") from exc
         # a program other than sketchsearch opened the folder with qdrant-client
         raise _locked_error(path, "another program using qdrant-client") from exc
-    except sqlite3.DatabaseError as exc:
+    except sqlite3.Error as exc:
         owner.release()
-        raise StoreUnavailableError(
-            f"the embedded store at {path} is damaged ({exc}): move the folder aside and ingest again "
-            "(it holds vectors and paths, not the photo files themselves)"
-        ) from exc
-    except (ValueError, OSError, sqlite3.Error) as exc:
+        if _sqlite_damaged(exc):
+            raise StoreUnavailableError(f"{_damaged_advice(str(path))} ({exc})") from exc
+        # unreadable for now (locked by another program, a failing disk, permissions, a file that is not
+        # a file): moving the store aside would hide the photos stored so far for nothing
+        raise StoreUnavailableError(f"cannot open the embedded store at {path}: {exc}") from exc
+    except (ValueError, OSError) as exc:
         owner.release()
         raise StoreUnavailableError(f"cannot open the embedded store at {path}: {exc}") from exc
     except BaseException:

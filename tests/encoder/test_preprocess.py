@@ -24,6 +24,7 @@ from encoder.preprocess import (
     MAX_SKETCH_SQUARE,
     Preprocessing,
     crop_sketch,
+    full_square_limit,
     load_photo,
     load_sketch,
     open_image,
@@ -284,8 +285,9 @@ out['contrast'] = float(rows.max() - rows.min())
 
 def test_a_long_crop_scaled_down_first_prepares_like_the_full_size_square(monkeypatch: pytest.MonkeyPatch) -> None:
     prep = Preprocessing()
-    # a zigzag stroke whose ink square is just over MAX_SKETCH_SQUARE, so it is scaled down before padding
-    width = int(MAX_SKETCH_SQUARE * 1.05)
+    # a zigzag stroke whose ink square is just over full_square_limit, so it is scaled down before padding
+    limit = full_square_limit(prep)
+    width = int(limit * 1.05)
     sketch = Image.new("L", (width, 400), 255)
     points = [(x, 60 if (x // 700) % 2 else 340) for x in range(100, width - 100, 350)]
     ImageDraw.Draw(sketch).line(points, fill=0, width=30)
@@ -293,7 +295,7 @@ def test_a_long_crop_scaled_down_first_prepares_like_the_full_size_square(monkey
     assert scaled.width == scaled.height < MAX_SKETCH_SQUARE
     ours = prepare_sketch(sketch, prep)
     monkeypatch.setattr("encoder.preprocess.MAX_SKETCH_SQUARE", 10 * width)  # the full-size square, as before
-    assert crop_sketch(sketch, prep).width > MAX_SKETCH_SQUARE
+    assert crop_sketch(sketch, prep).width > limit
     full = prepare_sketch(sketch, prep)
     assert np.abs(ours - full).max() * prep.std <= 4  # grey levels, at the stroke's edges
     assert np.abs(ours - full).mean() * prep.std < 0.1
@@ -313,15 +315,148 @@ def test_too_elongated_photos_are_refused_up_to_the_bound(tmp_path: Path) -> Non
         assert path.name in str(info.value)
 
 
-def test_strips_within_the_bound_resize_as_a_whole_resize_would() -> None:
-    # resize_photo resamples only under the crop for long strips: same picture as resizing it all, then cropping
+def test_strips_beyond_the_bound_resize_close_to_a_whole_resize() -> None:
+    # only a direct caller of resize_photo can pass one (load_photo refuses it): resampled under the crop alone
     rng = np.random.default_rng(1)
-    strip = Image.fromarray((rng.random((90, 6000, 3)) * 255).astype(np.uint8))
-    ours = np.asarray(resize_photo(strip, 224)).astype(int)
-    whole = strip.resize((round(6000 * 224 / 90), 224), Image.Resampling.BILINEAR, reducing_gap=None)
-    left = (whole.width - 224) // 2
-    theirs = np.asarray(whole.crop((left, 0, left + 224, 224))).astype(int)
-    assert np.abs(ours - theirs).max() <= 1
+    for w, h in ((12000, 90), (90, 12000)):
+        strip = Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8))
+        ours = np.asarray(resize_photo(strip, 224)).astype(int)
+        theirs = np.asarray(_old_resize_photo(strip, 224)).astype(int)
+        assert np.abs(ours - theirs).max() <= 1
+
+
+# ---------------------------------------------------------------- exactly the old preprocessing where it was right
+
+
+def _old_resize_photo(photo: Image.Image, size: int) -> Image.Image:
+    """resize_photo before bounding thin images (HEAD~1 of 9ace5f4), verbatim: what the shipped models were fed."""
+    w, h = photo.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    resized = photo.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return resized.crop((left, top, left + size, top + size))
+
+
+def _old_crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
+    """crop_sketch before bounding long strokes, verbatim: a full-size white square, the crop pasted in."""
+    pixels = np.asarray(sketch.convert("L"))
+    ink = pixels < (255 - prep.ink_level)
+    rows = np.flatnonzero(ink.any(axis=1))
+    cols = np.flatnonzero(ink.any(axis=0))
+    top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    side = max(bottom - top, right - left)
+    side = int(round(side * (1 + 2 * prep.sketch_margin))) + 2
+    cy, cx = (top + bottom) / 2, (left + right) / 2
+    x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+    canvas = Image.new("L", (side, side), 255)
+    canvas.paste(sketch.convert("L").crop((x0, y0, x0 + side, y0 + side)), (0, 0))
+    out = np.asarray(canvas).copy()  # crop() outside the image fills black: repaint those parts white
+    if x0 < 0:
+        out[:, :-x0] = 255
+    if y0 < 0:
+        out[:-y0, :] = 255
+    if x0 + side > sketch.width:
+        out[:, sketch.width - x0 :] = 255
+    if y0 + side > sketch.height:
+        out[sketch.height - y0 :, :] = 255
+    return Image.fromarray(out)
+
+
+def _old_model_input(square: Image.Image, prep: Preprocessing) -> np.ndarray:
+    """(x - mean) / std in float32, channels first and replicated to 3 for grayscale."""
+    arr = (np.asarray(square, dtype=np.float32) - np.float32(prep.mean)) / np.float32(prep.std)
+    return np.repeat(arr[None], 3, axis=0) if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("width", "height"),
+    [(136, 2310), (6000, 300), (300, 6000), (50, 2500), (2500, 50), (40, 3960), (9900, 100), (30, 3000)],
+)
+def test_photos_up_to_the_aspect_bound_prepare_exactly_as_before(width: int, height: int) -> None:
+    # 17:1 to 100:1: the resized photo is far longer than the crop; still resized whole, as the models were trained
+    prep = Preprocessing()
+    rng = np.random.default_rng(width * height)
+    photo = Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+    loaded = load_photo(photo, prep)
+    expected = _old_resize_photo(photo, prep.image_size)
+    assert np.array_equal(np.asarray(resize_photo(loaded, prep.image_size)), np.asarray(expected))
+    assert np.array_equal(prepare_photo(loaded, prep), _old_model_input(expected, prep))
+
+
+def test_full_square_limit_covers_a_square_image_at_the_pixel_limit() -> None:
+    prep = Preprocessing()
+    assert full_square_limit(prep) == round(8000 * (1 + 2 * prep.sketch_margin)) + 2 == 8962
+    assert full_square_limit(Preprocessing(max_pixels=1_000_000)) == MAX_SKETCH_SQUARE  # never below it
+
+
+def test_a_large_sketch_within_the_pixel_limit_is_padded_exactly_as_before() -> None:
+    # two dots in opposite corners of a 7600 x 7600 sheet (58 MB): its square, 8514 px, is over MAX_SKETCH_SQUARE
+    prep = Preprocessing()
+    sketch = Image.new("L", (7600, 7600), 255)
+    draw = ImageDraw.Draw(sketch)
+    draw.rectangle([0, 0, 1, 1], fill=0)
+    draw.rectangle([7598, 7598, 7599, 7599], fill=0)
+    ours = crop_sketch(sketch, prep)
+    assert MAX_SKETCH_SQUARE < ours.width == ours.height <= full_square_limit(prep)
+    old = _old_crop_sketch(sketch, prep)
+    assert np.array_equal(np.asarray(ours), np.asarray(old))
+    del ours
+    expected = _old_model_input(old.resize((prep.image_size, prep.image_size), Image.Resampling.LANCZOS), prep)
+    assert np.array_equal(prepare_sketch(sketch, prep), expected)
+
+
+def test_crop_sketch_does_not_go_through_pils_bomb_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the image passed our own limit already: a large crop of it must not warn or fail on PIL's global one
+    prep = Preprocessing()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    sketch = drawn_sketch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = crop_sketch(sketch, prep)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert np.array_equal(np.asarray(ours), np.asarray(_old_crop_sketch(sketch, prep)))
+
+
+def test_8bit_values_in_16bit_modes_load_exactly_as_before(tmp_path: Path) -> None:
+    # PIL's own L -> I;16, numpy's uint16 and files saved from them hold 0..255: PIL's conversion was right for them
+    prep = Preprocessing()
+    gray = Image.fromarray(_photo_like_gray())
+    png = tmp_path / "g16.png"
+    Image.fromarray(np.asarray(gray).astype(np.uint16)).save(png)
+    with Image.open(png) as check:
+        assert check.mode.startswith("I;16")
+    big_endian = Image.frombytes("I;16B", gray.size, np.asarray(gray).astype(">u2").tobytes())
+    expected = np.asarray(load_photo(gray, prep))
+    for source in (gray.convert("I;16"), Image.fromarray(np.asarray(gray).astype(np.uint16)), png, big_endian):
+        loaded = load_photo(source, prep)
+        assert np.array_equal(np.asarray(loaded), expected), source
+    assert np.array_equal(np.asarray(gray.convert("I;16").convert("RGB")), expected)  # the old route: PIL's clip
+
+    sketch = drawn_sketch()
+    expected_sketch = prepare_sketch(load_sketch(sketch, prep), prep)
+    for source16 in (sketch.convert("I;16"), Image.fromarray(np.asarray(sketch).astype(np.uint16))):
+        assert np.array_equal(prepare_sketch(load_sketch(source16, prep), prep), expected_sketch)
+
+
+def test_float_images_load_exactly_as_pil_converted_them() -> None:
+    prep = Preprocessing()
+    gray = Image.fromarray(_photo_like_gray())
+    # PIL's L -> F: whole numbers 0..255, the 8-bit photo exactly
+    assert np.array_equal(np.asarray(load_photo(gray.convert("F"), prep)), np.asarray(load_photo(gray, prep)))
+    # fractions and values out of range: PIL clips and truncates (12.7 -> 12, 300 -> 255, -3 -> 0), kept bit for bit
+    values = np.asarray(gray, dtype=np.float32) + np.float32(0.7)
+    values[0, :3] = (12.7, 300.0, -3.0)
+    floats = Image.fromarray(values)
+    assert np.array_equal(np.asarray(load_photo(floats, prep)), np.asarray(floats.convert("RGB")))  # the old route
+    assert np.asarray(load_photo(floats, prep))[0, :3, 0].tolist() == [12, 255, 0]
+
+    sketch = drawn_sketch()
+    fractional = Image.fromarray(np.asarray(sketch, dtype=np.float32) * np.float32(0.9) + np.float32(12.7))
+    assert np.array_equal(np.asarray(load_sketch(fractional, prep)), np.asarray(fractional.convert("L")))
+    assert np.array_equal(
+        prepare_sketch(load_sketch(sketch.convert("F"), prep), prep), prepare_sketch(load_sketch(sketch, prep), prep)
+    )
 
 
 # ---------------------------------------------------------------- 16-bit and float grayscale
@@ -430,3 +565,24 @@ def test_pil_bomb_protection_is_left_on_for_every_loader(tmp_path: Path) -> None
     _png_claiming(huge, 60_000, 60_000)  # beyond PIL's own limit too: still our clear error
     with pytest.raises(InvalidImageError, match="exceeds the limit"):
         load_photo(huge, Preprocessing(max_pixels=10**10))
+
+
+def test_pils_bomb_warning_is_neither_printed_nor_an_error_within_our_limit(tmp_path: Path) -> None:
+    # 95M pixels: over PIL's 89M limit (a warning there), under twice it (its error) and under our raised limit
+    assert Image.MAX_IMAGE_PIXELS is not None
+    side = int((Image.MAX_IMAGE_PIXELS * 1.06) ** 0.5)
+    assert Image.MAX_IMAGE_PIXELS < side * side < min(2 * Image.MAX_IMAGE_PIXELS, 100_000_000)
+    path = tmp_path / "large.png"
+    _png_claiming(path, side, side)
+    prep = Preprocessing(max_pixels=100_000_000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with open_image(path, prep.max_pixels) as image:
+            assert image.size == (side, side)
+    assert not caught
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with open_image(path, prep.max_pixels) as image:
+            assert image.size == (side, side)
+        with pytest.raises(InvalidImageError, match="corrupt or truncated"):  # the header lies: 64 x 64 of data
+            load_sketch(path, prep)

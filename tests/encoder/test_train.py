@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from encoder.checkpoint import load_checkpoint, save_checkpoint
+from encoder.data import SketchyDataset, file_message, load_dataset
 from encoder.embedder import load_embedder
-from encoder.errors import DatasetError, ModelLoadError
+from encoder.errors import DatasetError, EmptySketchError, ModelLoadError, SketchSearchError
 from encoder.model import ModelConfig, SketchPhotoEncoder, load_imagenet_classifier, load_imagenet_weights
 from encoder.preprocess import Preprocessing
 from encoder.train import (
+    MIN_BATCH,
     Stages,
     TrainConfig,
     ViewLoader,
@@ -27,20 +29,21 @@ from encoder.train import (
     teacher_logits,
     train,
     triplet_loss,
+    validation_keys,
     view_mirror,
 )
 
 CATEGORIES = ["apple", "cat", "chair"]
 
 
-def small_set(sketchy: Path, tmp_path: Path) -> Path:
+def small_set(sketchy: Path, tmp_path: Path, per_category: int = 4, categories: list[str] = CATEGORIES) -> Path:
     """A Sketchy-layout folder of symlinks to a few real photos and their sketches (nothing copied)."""
     root = tmp_path / "data"
-    for category in CATEGORIES:
+    for category in categories:
         by_photo: dict[str, Path] = {}
         for sketch in sorted((sketchy / "sketch" / category).glob("*.png")):
             by_photo.setdefault(sketch.stem.rsplit("-", 1)[0], sketch)
-        for sketch in list(by_photo.values())[:4]:
+        for sketch in list(by_photo.values())[:per_category]:
             stem = sketch.stem.rsplit("-", 1)[0]
             for kind, src in (("sketch", sketch), ("photo", sketchy / "photo" / category / f"{stem}.jpg")):
                 dst = root / kind / category / src.name
@@ -238,3 +241,119 @@ def test_frozen_photo_trunk_keeps_imagenet_weights_and_exports(sketchy: Path, tm
     a = load_embedder(out, backend="torch").embed_photo_files(photo).vectors
     b = load_embedder(out, backend="onnx", cache_dir=tmp_path / "onnx").embed_photo_files(photo).vectors
     assert np.abs(a - b).max() < 1e-4
+
+
+def placeholder_set(root: Path, photos: dict[str, int]) -> Path:
+    """A Sketchy-layout folder of empty files: `photos[c]` photos of category c, each with two sketches. Enough
+    for whatever train() checks before it reads an image (a test that reads one would fail on these)."""
+    for category, count in photos.items():
+        for k in range(count):
+            for kind, name in (("photo", f"p{k}.jpg"), ("sketch", f"p{k}-1.png"), ("sketch", f"p{k}-2.png")):
+                (root / kind / category).mkdir(parents=True, exist_ok=True)
+                (root / kind / category / name).write_bytes(b"")
+    return root
+
+
+def test_train_checks_settings_data_and_output_before_reading_an_image(tmp_path: Path) -> None:
+    """Every mistake here used to surface only after caching and training, or never: the data are empty files,
+    so reaching the images at all would fail differently."""
+    data = placeholder_set(tmp_path / "data", {"ant": 3, "cat": 3})
+    out = tmp_path / "runs" / "model.pt"
+
+    def attempt(**changes: object) -> None:
+        settings: dict[str, object] = {"model": "seed", "epochs": 1, "batch_size": 8, **changes}
+        target = settings.pop("out", out)
+        dirs = settings.pop("dirs", [data])
+        train(dirs, TrainConfig(**settings), target, progress=False)  # type: ignore[arg-type]
+
+    with pytest.raises(SketchSearchError, match="epochs must be at least 1"):
+        attempt(epochs=0)
+    with pytest.raises(SketchSearchError, match=f"batch size must be at least {MIN_BATCH}"):
+        attempt(batch_size=MIN_BATCH - 1)
+    # the output: a place where no file can be made, a file where a folder must be, someone else's file
+    with pytest.raises(SketchSearchError, match="cannot write the checkpoint"):
+        attempt(out=Path("/proc/sketchsearch-test.pt"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep me")
+    with pytest.raises(SketchSearchError, match="notes.txt is a file, not a folder"):
+        attempt(out=notes / "model.pt")
+    text_pt = tmp_path / "notes.pt"
+    text_pt.write_text("keep me too")
+    with pytest.raises(SketchSearchError, match="not a sketchsearch checkpoint: not overwriting"):
+        attempt(out=text_pt)
+    assert notes.read_text() == "keep me" and text_pt.read_text() == "keep me too"
+    # a misspelt folder beside a good one, and held-out categories the data does not have
+    with pytest.raises(DatasetError, match="no such folder: .*missing"):
+        attempt(dirs=[data, tmp_path / "missing"])
+    with pytest.raises(DatasetError, match="unknown held-out category zebra: the data's categories are ant, cat"):
+        attempt(holdout=["ant", "zebra"])
+    (tmp_path / "empty" / "photo").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="no photos or sketches to train on"):
+        attempt(dirs=[tmp_path / "empty"])
+    # three photos cannot make a batch of MIN_BATCH distinct ones: every epoch would be empty, the model untrained
+    with pytest.raises(DatasetError, match="too few pairs to train on: 6 sketch/photo pairs of 3 distinct photos"):
+        attempt(holdout=["cat"])
+    assert not out.exists()
+
+
+def test_save_checkpoint_failures_are_clear_errors(tiny_model: Path, tmp_path: Path) -> None:
+    ckpt = load_checkpoint(tiny_model)
+    with pytest.raises(SketchSearchError, match="cannot write the checkpoint /proc/x.pt: No such file"):
+        save_checkpoint(ckpt, "/proc/x.pt")  # torch's RuntimeError, not a traceback
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SketchSearchError, match="cannot write the checkpoint"):
+        save_checkpoint(ckpt, tmp_path / "file" / "model.pt")  # an OSError
+    # a checkpoint is ours to replace
+    saved = save_checkpoint(ckpt, tmp_path / "model.pt")
+    from encoder.train import check_checkpoint_output
+
+    check_checkpoint_output(saved)
+
+
+def test_a_blank_or_unreadable_sketch_is_named_once(tiny_model: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from encoder.embedder import Embedder
+
+    blank = tmp_path / "blank-1.png"
+    Image.new("L", (64, 64), 255).save(blank)
+    embedder = Embedder(load_checkpoint(tiny_model), backend="torch")
+    with pytest.raises(EmptySketchError) as caught:
+        embedder.embed_sketches([blank])
+    assert str(caught.value).count(str(blank)) == 1 and "no strokes" in str(caught.value)
+    with pytest.raises(EmptySketchError) as caught:
+        sketch_input(blank, Preprocessing(image_size=64, channels=1), None)
+    assert str(caught.value).count(str(blank)) == 1
+    with pytest.raises(EmptySketchError, match="^the sketch is empty"):  # no file to name: as before
+        embedder.embed_sketches([Image.new("L", (64, 64), 255)])
+    junk = tmp_path / "junk-1.png"
+    junk.write_text("not an image")
+    with pytest.raises(SketchSearchError) as unreadable:
+        embedder.embed_sketches([junk])
+    assert str(unreadable.value).count(str(junk)) == 1  # PIL's message names it too
+    pil = "a.jpg: bad (cannot identify image file 'a.jpg')"
+    assert file_message("a.jpg", pil) == "a.jpg: bad (cannot identify image file)"
+    assert file_message("a.jpg", "empty") == "a.jpg: empty"
+
+
+def test_validation_keys_stay_folder_names_unless_two_share_one(tmp_path: Path) -> None:
+    def sets(*roots: str) -> list[SketchyDataset]:
+        return [SketchyDataset(tmp_path / root, [], []) for root in roots]
+
+    # the keys of the shipped checkpoints ('test', 'data') and of most runs: unchanged
+    assert validation_keys(sets("data", "qmul-shoes/test")) == ["data", "test"]
+    # two folders of one name no longer overwrite each other's results (nor calibrate on the wrong one)
+    assert validation_keys(sets("v1/test", "v2/test", "data")) == ["v1/test", "v2/test", "data"]
+    assert validation_keys(sets("a/v/test", "b/v/test")) == ["v/test#1", "v/test#2"]
+
+
+def test_validation_of_two_folders_of_one_name_keeps_both(tiny_model: Path, sketchy: Path, tmp_path: Path) -> None:
+    from encoder.train import _validate_checkpoint
+
+    first = small_set(sketchy, tmp_path / "v1", per_category=2, categories=["apple", "cat"])
+    second = small_set(sketchy, tmp_path / "v2", per_category=2, categories=["chair", "cat", "apple"])
+    sets = [load_dataset(first.rename(first.parent / "test")), load_dataset(second.rename(second.parent / "test"))]
+    plain, blended = _validate_checkpoint(load_checkpoint(tiny_model), sets, neighbours=1)
+    assert list(plain) == list(blended) == ["v1/test", "v2/test"]
+    # each key holds its own folder's results: 4 and 6 sketches
+    assert [plain[k]["instance"]["queries"] for k in plain] == [4, 6]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
+from typer.testing import CliRunner, Result
 
 from encoder.checkpoint import load_checkpoint
 from encoder.embedder import load_embedder
@@ -87,6 +87,7 @@ def test_a_gallery_photo_that_cannot_be_read_stops_eval_and_whiten_validation(sk
     runner = CliRunner()
     result = runner.invoke(app, ["eval", str(data)])
     assert result.exit_code == 2 and "could not be read" in result.output and victim.name in result.output
+    assert result.output.count(victim.name) == 1  # named once, not by the error and its reason each
     from encoder.checkpoint import save_checkpoint
 
     plain = save_checkpoint(
@@ -246,3 +247,124 @@ def test_join_pooled_writes_a_wider_model_and_refuses_to_join_twice(sketchy: Pat
     white_again = load_checkpoint(rewhite)
     assert white_again.config.whiten and white_again.config.pooled_weight == 0 and white_again.dim == base.dim
     assert not any(k.startswith("pooled_") for k in white_again.state_dict)
+
+
+def failed_cleanly(result: Result, *expected: str) -> bool:
+    """Exit code 2 from the CLI's own error (an `error:` line holding every expected text), not an exception."""
+    return (
+        result.exit_code == 2
+        and isinstance(result.exception, SystemExit)
+        and "error: " in result.output
+        and all(text in result.output for text in expected)
+    )
+
+
+def test_train_and_whiten_check_their_output_before_any_work(sketchy: Path, tmp_path: Path) -> None:
+    """A bad --out used to fail only when saving, after the whole run, and whiten overwrote any file."""
+    data = small_set(sketchy, tmp_path)
+    runner = CliRunner()
+    train = ["train", str(data), "--model", "seed", "--epochs", "1", "--batch-size", "8", "--cache-dir",
+             str(tmp_path / "cache")]
+    result = runner.invoke(app, [*train, "--out", "/proc/sketchsearch-test.pt"])
+    assert failed_cleanly(result, "cannot write the checkpoint to /proc/sketchsearch-test.pt"), result.output
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    result = runner.invoke(app, [*train, "--out", str(notes)])  # not .pt: a folder to hold model.pt
+    assert failed_cleanly(result, f"{notes} is a file, not a folder"), result.output
+    text_pt = tmp_path / "notes.pt"
+    text_pt.write_text("my notes")
+    result = runner.invoke(app, [*train, "--out", str(text_pt)])
+    assert failed_cleanly(result, "is not a sketchsearch checkpoint: not overwriting it"), result.output
+    assert not (tmp_path / "cache").exists()  # refused before a single image was cached
+    result = runner.invoke(app, ["whiten", str(data), "--holdout", "chair", "--out", str(notes)])
+    assert failed_cleanly(result, "is not a sketchsearch checkpoint: not overwriting it"), result.output
+    result = runner.invoke(app, ["join-pooled", str(data), "--holdout", "chair", "--out", "/proc/x.pt"])
+    assert failed_cleanly(result, "cannot write the checkpoint to /proc/x.pt"), result.output
+    assert notes.read_text() == "my notes" and text_pt.read_text() == "my notes"
+
+
+def test_train_refuses_bad_settings_and_data_before_caching(sketchy: Path, tmp_path: Path) -> None:
+    data = small_set(sketchy, tmp_path, per_category=3)
+    runner = CliRunner()
+    cache = tmp_path / "cache"
+    out = tmp_path / "run"
+
+    def train(*args: str) -> Result:
+        return runner.invoke(app, ["train", *args, "--model", "seed", "--cache-dir", str(cache), "--out", str(out)])
+
+    for option, value in (("--epochs", "0"), ("--epochs", "-1"), ("--batch-size", "0"), ("--batch-size", "3")):
+        result = train(str(data), option, value)
+        assert result.exit_code == 2 and "Invalid value" in result.output and option in result.output
+    result = train(str(data), "--holdout", "zebra")
+    assert failed_cleanly(result, "unknown held-out category zebra", "apple, cat, chair"), result.output
+    result = train(str(data), "--holdout", "apple,zebra")  # zebra used to be dropped silently
+    assert failed_cleanly(result, "unknown held-out category zebra:"), result.output
+    result = train(str(data), str(tmp_path / "missing"))
+    assert failed_cleanly(result, "no such folder", "missing"), result.output
+    (tmp_path / "emptycat" / "photo").mkdir(parents=True)
+    result = train(str(tmp_path / "emptycat"))
+    assert failed_cleanly(result, "no photos or sketches to train on"), result.output
+    # one category of three photos: batches need 4 distinct ones, so every epoch would train on nothing
+    result = train(str(data), "--holdout", "apple,cat", "--epochs", "8", "--batch-size", "4")
+    assert failed_cleanly(result, "too few pairs to train on: 3 sketch/photo pairs of 3 distinct photos"), result.output
+    assert not cache.exists() and not (out / "model.pt").exists()  # (the folder is made: it was checked)
+
+
+def test_train_batch_size_minimum_is_the_trainers() -> None:
+    """The CLI restates MIN_BATCH (importing torch for a usage error would slow every command)."""
+    import typing
+
+    from encoder.train import MIN_BATCH
+    from services.cli import train_command
+
+    hints = typing.get_type_hints(train_command, include_extras=True)
+    (option,) = [m for m in hints["batch_size"].__metadata__ if hasattr(m, "min")]
+    assert option.min == MIN_BATCH
+
+
+def test_whiten_holdout_of_an_unknown_category_is_named(sketchy: Path, tmp_path: Path) -> None:
+    from encoder.checkpoint import save_checkpoint
+
+    data = small_set(sketchy, tmp_path)
+    plain = save_checkpoint(load_checkpoint("default").without_pooled_join().without_whitening(), tmp_path / "p.pt")
+    result = CliRunner().invoke(
+        app, ["whiten", str(data), "--model", str(plain), "--holdout", "zebra", "--out", str(tmp_path / "w.pt")]
+    )
+    # it used to ask for held-out categories, which had been given
+    assert failed_cleanly(result, "unknown held-out category zebra", "apple, cat, chair"), result.output
+    assert "give held-out categories" not in result.output and not (tmp_path / "w.pt").exists()
+
+
+def test_a_blank_sketch_is_named_in_eval_and_train(sketchy: Path, tiny_model: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = small_set(sketchy, tmp_path)
+    stem = sorted((data / "photo" / "cat").glob("*.jpg"))[0].stem
+    blank = data / "sketch" / "cat" / f"{stem}-9.png"  # paired with a photo, so training reads it too
+    Image.new("L", (64, 64), 255).save(blank)
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(data), "--model", str(tiny_model), "--gallery-neighbours", "0"])
+    assert failed_cleanly(result, f"{blank}: the sketch is empty"), result.output
+    result = runner.invoke(
+        app, ["train", str(data), "--model", "seed", "--epochs", "1", "--out", str(tmp_path / "m.pt")]
+    )
+    assert failed_cleanly(result, f"{blank}: the sketch is empty"), result.output
+    assert result.output.count(str(blank)) == 1
+
+
+def test_eval_checks_its_json_path_and_categories_first(sketchy: Path, tiny_model: Path, tmp_path: Path) -> None:
+    data = small_set(sketchy, tmp_path)
+    (tmp_path / "file").write_text("")
+    runner = CliRunner()
+    for target, reason in (
+        ("/proc/sketchsearch.json", "cannot create a file in /proc"),
+        (str(tmp_path), "it is a folder"),
+        (str(tmp_path / "file" / "r.json"), "is a file, not a folder"),
+    ):
+        result = runner.invoke(app, ["eval", str(data), "--model", str(tiny_model), "--json", target])
+        assert failed_cleanly(result, "cannot write the JSON report", reason), result.output
+        assert "acc@1" not in result.output  # refused before evaluating, not after
+    result = runner.invoke(app, ["eval", str(data), "--model", str(tiny_model), "--categories", "apple,zebra"])
+    assert failed_cleanly(result, "unknown requested category zebra", "apple, cat, chair"), result.output
+    result = runner.invoke(app, ["eval", str(tmp_path / "missing"), "--model", str(tiny_model)])
+    assert failed_cleanly(result, "missing: no such folder"), result.output

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,21 +14,21 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import services.cli
 import services.jobs
-from encoder.errors import SketchSearchError
 from services.cli import app
-from services.config import Settings, get_settings
-from services.errors import BrokerUnavailableError, ConfigError
+from services.config import Settings, get_settings, mask_url
+from services.errors import BrokerUnavailableError, ConfigError, JobRecordError, JobStoreError
 from services.gallery import Gallery
 from services.ingest import IngestSummary, PhotoFile, collect_photos
 from services.jobs import (
     BatchReport,
     FileJobStore,
     Job,
+    JobStore,
     LocalJobRunner,
     RedisJobStore,
     broker_hint,
-    mask_url,
     new_job,
 )
 from tests.services.gallery_support import write_bad_files
@@ -50,19 +51,21 @@ class DiskFullJobStore(FileJobStore):
 
 
 @pytest.mark.timeout(120)  # the regression this guards against is a follower that never returns
-def test_following_a_local_job_whose_record_cannot_be_written_ends_with_the_error(
-    gallery: Gallery, photos_dir: Path, settings: Settings
+@pytest.mark.parametrize("how", ["follow", "wait"])  # wait: what `ingest` does on Ctrl-C, after cancelling
+def test_a_local_job_whose_record_cannot_be_written_ends_with_a_clear_error(
+    gallery: Gallery, photos_dir: Path, settings: Settings, how: str
 ) -> None:
     runner = LocalJobRunner(gallery, DiskFullJobStore(settings.jobs_path), batch_size=8)
     files, _ = collect_photos([photos_dir])
     job = runner.submit(files, label=None)
     try:
-        with pytest.raises(SketchSearchError, match="No space left on device") as caught:
-            runner.follow(job.id, poll_s=0.01)
+        # the thread's raw OSError must not escape, and following must not poll for ever
+        with pytest.raises(JobRecordError, match="No space left on device") as caught:
+            runner.follow(job.id, poll_s=0.01) if how == "follow" else runner.wait(job.id)
     finally:
         runner.shutdown()
     assert isinstance(caught.value.__cause__, OSError)
-    assert f"job {job.id} stopped" in str(caught.value)
+    assert f"job {job.id} stopped" in str(caught.value) and "run the same ingestion again" in str(caught.value)
 
 
 @pytest.mark.timeout(120)
@@ -74,6 +77,27 @@ def test_cli_ingest_stops_and_fails_when_the_job_record_cannot_be_written(
     assert result.exit_code == 2, result.output
     assert "No space left on device" in result.stderr and "run the same ingestion again" in result.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.timeout(120)
+def test_cli_ingest_interrupted_after_its_record_failed_prints_the_error_not_a_traceback(
+    settings: Settings, photos_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(services.jobs, "FileJobStore", DiskFullJobStore)
+
+    def interrupted(jobs: JobStore, job_id: str, queue_hint: str | None, runner: LocalJobRunner | None = None) -> Job:
+        # Ctrl-C pressed once the job's thread has died (the only stand-in: a key press, which CliRunner cannot
+        # deliver); waiting for the thread first makes the order certain
+        assert runner is not None
+        while not runner.thread_done(job_id):
+            time.sleep(0.01)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(services.cli, "_follow", interrupted)
+    result = CliRunner().invoke(app, ["ingest", str(photos_dir)])
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.stderr and "run the same ingestion again" in result.stderr
 
 
 def test_a_local_job_that_ends_normally_is_followed_to_its_last_report(
@@ -98,10 +122,15 @@ def test_mask_url_hides_every_form_of_password() -> None:
         f"redis://:p@ss{SECRET}@host/0": "redis://:***@host/0",  # an unescaped @ in the password
         f"redis://host:6379/0?password={SECRET}&db=2": "redis://host:6379/0?password=***&db=2",
         "redis://127.0.0.1:6379/0": "redis://127.0.0.1:6379/0",
+        # Qdrant URLs: a key in the userinfo or the query string
+        f"https://{SECRET}@qdrant.example:6333": "https://***@qdrant.example:6333",
+        f"https://qdrant.example:6333/?api_key={SECRET}": "https://qdrant.example:6333/?api_key=***",
+        f"https://qdrant.example/?apikey={SECRET}&x=1": "https://qdrant.example/?apikey=***&x=1",
         "(unset: jobs run in-process)": "(unset: jobs run in-process)",
     }
     for given, shown in cases.items():
         assert mask_url(given) == shown
+        assert services.jobs.mask_url(given) == shown  # still importable from where it was first
     sentence = f"cannot reach redis://:{SECRET}@a:1/0 or http://bob:{SECRET}@b/x, then stop"
     assert mask_url(sentence) == "cannot reach redis://:***@a:1/0 or http://bob:***@b/x, then stop"
 
@@ -240,3 +269,18 @@ def test_every_write_to_a_redis_record_sets_its_expiry(redis_jobs: RedisJobStore
         redis_jobs.client.delete(key)  # as if it had expired: the write recreates it, with an expiry again
         write()
         assert int(redis_jobs.client.ttl(key)) > 0, name  # type: ignore[arg-type]
+
+
+def test_a_redis_that_refuses_a_command_for_good_is_not_called_unreachable(
+    redis_jobs: RedisJobStore, tmp_path: Path
+) -> None:
+    job, _ = new_job([PhotoFile(tmp_path / "a.jpg", "a")], 8, "celery", None)
+    redis_jobs.create_job(job)
+    key = f"sketchsearch:job:{job.id}"
+    redis_jobs.client.delete(key)
+    redis_jobs.client.set(key, "not a hash")  # WRONGTYPE for every hash command, however long one waits
+    with pytest.raises(JobStoreError, match="WRONGTYPE") as caught:
+        redis_jobs.mark_started(job.id, 0)
+    # a worker hands a batch back on BrokerUnavailableError; on this it must not, or it loops forever
+    assert not isinstance(caught.value, BrokerUnavailableError)
+    assert "retrying will not help" in str(caught.value)

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from qdrant_client import models
 
+from encoder.errors import SketchSearchError
 from encoder.neighbours import blend_gallery
 from services.config import Settings
 from services.errors import (
@@ -328,12 +329,61 @@ def test_a_damaged_embedded_store_is_a_clear_error_and_releases_the_lock(setting
         assert fresh.list_collections() == []
 
 
+def test_an_embedded_store_that_cannot_be_opened_is_not_called_damaged(settings: Settings) -> None:
+    with open_store(settings) as store:
+        name = store.ensure_collection("model-a-v1-0001", 8)
+    storage = settings.store_path / "collection" / name / "storage.sqlite"
+    storage.unlink()
+    storage.mkdir()  # SQLite cannot open a folder: "unable to open database file", as root too (unlike chmod)
+    with pytest.raises(StoreUnavailableError, match="cannot open the embedded store at") as caught:
+        open_store(settings)
+    # the file is not damaged: moving the store aside (and ingesting everything again) is not the fix
+    assert "damaged" not in str(caught.value) and "move the folder aside" not in str(caught.value)
+    storage.rmdir()
+    with open_store(settings) as again:  # the failed open let go of the owner lock
+        assert again.list_collections() == [name]
+
+
+def test_a_collection_deleted_meanwhile_says_to_ingest_again(store: VectorStore) -> None:
+    name = store.ensure_collection("model-a-v1-0001", 8)
+    store.client.delete_collection(name)  # another tool, or a person, removes it under a running process
+    with pytest.raises(GalleryNotFoundError, match="sketchsearch ingest") as caught:
+        store.count_photos(name)
+    assert not isinstance(caught.value, StoreUnavailableError)  # waiting does not bring it back: not retried
+
+
+def test_a_wrong_argument_propagates_instead_of_passing_for_an_unavailable_store(settings: Settings) -> None:
+    # a programming error (vectors of the wrong dimension) that local mode reports as a plain ValueError: the
+    # worker retries StoreUnavailableError as if the store were down, which would only delay the traceback
+    with open_store(settings.model_copy(update={"gallery_neighbours": 0})) as store:
+        name = store.ensure_collection("model-a-v1-0001", 8)
+        records, vectors = _records(3)
+        with pytest.raises(ValueError, match="dimension") as caught:
+            store.upsert_photos(name, records, np.ascontiguousarray(vectors[:, :4]))
+        assert not isinstance(caught.value, SketchSearchError)
+        assert store.count_photos(name) == 0
+
+
+def test_no_store_message_shows_the_qdrant_url_key(settings: Settings) -> None:
+    secret = "s3cret-Ap1-key"
+    unreachable = (f"http://bob:{secret}@127.0.0.1:1", f"http://127.0.0.1:1/?api_key={secret}")
+    for url in unreachable:
+        with pytest.raises(StoreUnavailableError) as caught:
+            open_store(settings.model_copy(update={"qdrant_url": url}))
+        assert secret not in str(caught.value) and "***" in str(caught.value), str(caught.value)
+    for url in (f"http://{secret}@127.0.0.1:abc", f"http://127.0.0.1:abc?api_key={secret}"):
+        with pytest.raises(ConfigError) as bad:
+            open_store(settings.model_copy(update={"qdrant_url": url}))
+        assert secret not in str(bad.value) and "***" in str(bad.value), str(bad.value)
+
+
 def test_losing_the_race_to_create_a_collection_uses_the_winners(
     store: VectorStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # two workers start on an empty server: both see no collection, one creates it, the other's create fails.
     # Here the second ensure_collection is told once that the collection is missing, so its create fails
-    # for real (qdrant-client refuses to create what exists) and it must fall back to the existing one.
+    # for real (qdrant-client refuses to create what exists: a CollectionExistsError) and it must fall back
+    # to the existing one.
     name = store.ensure_collection("model-a-v1-0001", 8)
     real = store.collection_dimension
     answers = iter([None])

@@ -6,7 +6,8 @@ The task runs for real: eagerly in this process (`apply`, the same function the 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -14,8 +15,9 @@ import pytest
 from PIL import Image
 
 from services.config import Settings, get_settings
+from services.errors import BrokerUnavailableError, JobStoreError, StoreLockedError
 from services.ingest import PhotoFile
-from services.jobs import Job, JobState, RedisJobStore, create_celery_app, follow_job, new_job
+from services.jobs import Job, JobState, JobStore, RedisJobStore, create_celery_app, follow_job, new_job
 from services.vector_store import open_store
 from tests.services.gallery_support import cli_env, start_cli, stop_process
 
@@ -102,20 +104,168 @@ def test_a_runtime_that_cannot_start_is_recorded_with_a_job_store_from_the_setti
     assert "SKETCHSEARCH_QDRANT_URL" in final.errors()[0], final.errors()  # the lock's message, with its fix
 
 
-def test_a_failure_that_cannot_be_recorded_puts_the_batch_back(
+def test_a_failure_that_cannot_be_recorded_is_handed_back_a_bounded_number_of_times(
+    tasks: ModuleType,
+    jobs: RedisJobStore,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from celery.exceptions import Reject, Retry
+
+    photo = _photo(tmp_path / "photos")
+    job = _job(jobs, [PhotoFile(photo, "x")])
+    monkeypatch.setenv("SKETCHSEARCH_BROKER_URL", "redis://127.0.0.1:1/0")  # Redis gone while the batch runs
+    get_settings.cache_clear()
+    # an eager task runs each retry at once (Celery's apply follows them), so the whole budget runs here
+    result = tasks.ingest_batch_task.apply(args=[job.id, 0, [[str(photo), "x"]]])
+    handed_back = [r for r in caplog.records if "cannot record its outcome" in r.getMessage()]
+    # handed back (a retry carrying its count), not raised, while the budget lasts: Celery acknowledges a
+    # task that raised, losing the batch; once spent, raised (logged, acknowledged), neither retried nor
+    # requeued again: a Redis that keeps failing the records cannot bring the batch back forever
+    assert len(handed_back) == tasks._MAX_UNRECORDED
+    assert result.state == "FAILURE", (result.state, result.result)
+    assert isinstance(result.result, BrokerUnavailableError)
+    assert not isinstance(result.result, Reject | Retry)
+    assert any("giving the batch up" in r.getMessage() for r in caplog.records)
+    assert jobs.get_job(job.id).reports == {}  # nothing recorded: running the ingestion again redoes it
+
+
+def test_a_retry_that_cannot_be_published_requeues_after_a_pause(
     tasks: ModuleType, jobs: RedisJobStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from celery.exceptions import Reject
 
     photo = _photo(tmp_path / "photos")
     job = _job(jobs, [PhotoFile(photo, "x")])
-    monkeypatch.setenv("SKETCHSEARCH_BROKER_URL", "redis://127.0.0.1:1/0")  # Redis gone while the batch runs
+    monkeypatch.setenv("SKETCHSEARCH_BROKER_URL", "redis://127.0.0.1:1/0")
     get_settings.cache_clear()
+
+    def unpublishable(*_: object, **__: object) -> None:
+        # what Task.retry raises when it cannot publish; the only stand-in here: an eager task never publishes,
+        # and a broker cannot be made to fail between a delivery and its retry on demand
+        raise Reject("broker down", requeue=False)
+
+    monkeypatch.setattr(tasks.ingest_batch_task, "retry", unpublishable)
+    started = time.monotonic()
     result = tasks.ingest_batch_task.apply(args=[job.id, 0, [[str(photo), "x"]]])
-    # requeued (Reject with requeue), not raised: Celery acknowledges a task that raised, losing the batch
     assert result.state == "REJECTED", (result.state, result.result)
     assert isinstance(result.result, Reject) and result.result.requeue
-    assert jobs.get_job(job.id).reports == {}  # nothing recorded: the batch is redone when Redis is back
+    assert time.monotonic() - started >= 0.5  # the pause: half the visibility timeout of 1 s
+
+
+def test_a_job_record_redis_refuses_for_good_is_not_requeued(
+    tasks: ModuleType, jobs: RedisJobStore, tmp_path: Path
+) -> None:
+    from celery.exceptions import Reject, Retry
+
+    photo = _photo(tmp_path / "photos")
+    job = _job(jobs, [PhotoFile(photo, "x")])
+    key = f"sketchsearch:job:{job.id}"
+    jobs.client.delete(key)
+    jobs.client.set(key, "not a hash")  # every HSET/HINCRBY on it now fails with WRONGTYPE, forever
+    result = tasks.ingest_batch_task.apply(args=[job.id, 0, [[str(photo), "x"]]])
+    # nothing can be recorded, and handing the batch back would bring it back every few seconds forever
+    assert result.state == "FAILURE", (result.state, result.result)
+    assert isinstance(result.result, JobStoreError) and "WRONGTYPE" in str(result.result)
+    assert not isinstance(result.result, Reject | Retry)
+
+
+@pytest.fixture
+def restricted_broker_url(redis_url: str) -> Iterator[str]:
+    """A Redis user that may do everything but HINCRBY (which marks a batch started): a permanent refusal of
+    one command, while the failure record (HSET) still goes through."""
+    import redis
+
+    admin = redis.Redis.from_url(redis_url)
+    user, password = f"sketchsearch-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    try:
+        admin.acl_setuser(user, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"],
+                          commands=["+@all", "-hincrby"])
+    except redis.ResponseError as exc:
+        admin.close()
+        pytest.skip(f"this Redis has no ACL users ({exc})")
+    try:
+        yield redis_url.replace("redis://", f"redis://{user}:{password}@")
+    finally:
+        admin.acl_deluser(user)
+        admin.close()
+
+
+def test_a_command_redis_refuses_for_good_is_recorded_not_retried(
+    tasks: ModuleType, jobs: RedisJobStore, tmp_path: Path, restricted_broker_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    photo = _photo(tmp_path / "photos")
+    job = _job(jobs, [PhotoFile(photo, "x")])
+    monkeypatch.setenv("SKETCHSEARCH_BROKER_URL", restricted_broker_url)
+    get_settings.cache_clear()
+    result = tasks.ingest_batch_task.apply(args=[job.id, 0, [[str(photo), "x"]]])
+    assert result.successful(), (result.state, result.result)  # recorded, acknowledged: not back in 5 s
+    final = _follow(jobs, job.id)
+    assert final.state == JobState.FAILED
+    assert "NoPermissionError" in final.errors()[0] and "retrying will not help" in final.errors()[0], final.errors()
+    assert restricted_broker_url.split("@")[0].split(":")[-1] not in final.errors()[0]  # the password masked
+
+
+def test_a_collection_deleted_under_the_worker_is_recorded_and_made_again(
+    tasks: ModuleType, jobs: RedisJobStore, tmp_path: Path
+) -> None:
+    photo = _photo(tmp_path / "photos")
+    first, gone, again = (_job(jobs, [PhotoFile(photo, "x")]) for _ in range(3))
+    assert tasks.ingest_batch_task.apply(args=[first.id, 0, [[str(photo), "x"]]]).successful()
+    runtime = tasks.get_runtime()
+    runtime.gallery.store.client.delete_collection(runtime.gallery.collection)  # someone deletes it
+    assert tasks.ingest_batch_task.apply(args=[gone.id, 0, [[str(photo), "x"]]]).successful()
+    failed = _follow(jobs, gone.id)
+    assert failed.state == JobState.FAILED and "ingest photos" in failed.errors()[0], failed.errors()
+    # not retried as if the store were down, and the next batch does not fail the same way: it starts afresh
+    assert tasks.ingest_batch_task.apply(args=[again.id, 0, [[str(photo), "x"]]]).successful()
+    done = _follow(jobs, again.id)
+    assert done.state == JobState.DONE and done.summary().added == 1, done.to_json()
+
+
+@pytest.fixture
+def named_broker(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], int]]:
+    """The worker's broker URL with a client name of its own; yields how many connections carry that name."""
+    import redis
+
+    name = f"sketchsearch-test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("SKETCHSEARCH_BROKER_URL", f"{redis_url}?client_name={name}")
+    get_settings.cache_clear()
+    admin = redis.Redis.from_url(redis_url)
+    yield lambda: sum(1 for client in admin.client_list() if client["name"] == name)
+    admin.close()
+
+
+def test_the_runtime_closes_its_job_store(tasks: ModuleType, named_broker: Callable[[], int]) -> None:
+    jobs = tasks.get_runtime().jobs
+    assert isinstance(jobs, RedisJobStore)
+    jobs.ping()
+    assert named_broker() == 1
+    tasks.close_runtime()
+    assert named_broker() == 0  # the worker's shutdown lets go of Redis too
+
+
+def test_a_runtime_that_cannot_start_closes_the_job_store_it_opened(
+    tasks: ModuleType, named_broker: Callable[[], int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = tasks.open_job_store
+
+    def connected_at_once(settings: Settings) -> JobStore:
+        # the real store, connected at once: opening one does not connect, so a leak would not show
+        store = real_open(settings)
+        assert isinstance(store, RedisJobStore)
+        store.ping()
+        return store
+
+    monkeypatch.setattr(tasks, "open_job_store", connected_at_once)
+    holder = open_store(Settings(home=tmp_path / "home"))  # the embedded store is taken: open_store fails
+    try:
+        with pytest.raises(StoreLockedError):
+            tasks.get_runtime()
+    finally:
+        holder.close()
+    assert named_broker() == 0
 
 
 def test_the_retry_countdown_stays_below_the_visibility_timeout() -> None:
