@@ -226,6 +226,8 @@ def load_checkpoint(ref: str | Path | None = None) -> Checkpoint:
         first = text.splitlines()[0].split(". ")[0][:200] if text else type(exc).__name__
         if isinstance(exc, EOFError):
             first = "the file is empty or ends too early"
+        elif isinstance(exc, KeyError):  # the unpickler met a byte that is no opcode: a file of another kind
+            first = "not a torch file"
         if "weights_only" in first:  # the same unsafe advice, in case torch raises it under another type
             first = "not a torch file of tensors and plain values"
         raise ModelLoadError(f"{path}: not a sketchsearch checkpoint ({first})") from exc

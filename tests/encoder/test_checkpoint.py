@@ -80,7 +80,9 @@ def test_a_checkpoint_made_in_memory_with_an_unknown_arch_is_a_model_load_error(
 
 
 @pytest.mark.parametrize(
-    "content", [b"\x80\x04not a zip", b"", LITE0.read_bytes()[:4096]], ids=["garbage", "empty", "truncated"]
+    "content",
+    [b"\x80\x04not a zip", b"", LITE0.read_bytes()[:4096], b"hi\n"],
+    ids=["garbage", "empty", "truncated", "text"],
 )
 def test_an_unreadable_file_gives_a_clean_message_without_unsafe_advice(content: bytes, tmp_path: Path) -> None:
     path = tmp_path / "model.pt"
@@ -92,6 +94,7 @@ def test_an_unreadable_file_gives_a_clean_message_without_unsafe_advice(content:
     # retrying with weights_only=False would run whatever code the file holds: never suggested
     assert "weights_only" not in message and "arbitrary code" not in message
     assert len(message) < 300
+    assert not message.rstrip(")").endswith(tuple("0123456789"))  # not a bare number from the unpickler
 
 
 def test_a_file_with_foreign_objects_names_them_without_loading_them(tmp_path: Path) -> None:
