@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from encoder.data import SketchyDataset
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -63,18 +66,13 @@ def average_precision(scores: np.ndarray, relevant: np.ndarray) -> float:
 def category_metrics(
     sim: np.ndarray, query_cat: np.ndarray, gallery_cat: np.ndarray, p_at: int = 100
 ) -> CategoryMetrics:
-    """mAP@all and P@K over the queries whose category has photos in the gallery: for the others there is
-    nothing to find, and counting them as 0 would measure the gallery's make-up, not the ranking."""
+    """mAP@all and P@K over every query; one whose category has no photo in the gallery counts as 0 in both."""
     aps, precisions = [], []
     for i in range(sim.shape[0]):
         relevant = gallery_cat == query_cat[i]
-        if not relevant.any():
-            continue
         aps.append(average_precision(sim[i], relevant))
         top = np.argsort(-sim[i], kind="stable")[:p_at]
         precisions.append(float(relevant[top].sum()) / min(p_at, len(top)))
-    if not aps:
-        return CategoryMetrics(float("nan"), float("nan"))
     return CategoryMetrics(float(np.mean(aps)), float(np.mean(precisions)))
 
 
@@ -124,10 +122,17 @@ def retrieval_metrics(
     if len(cats) > 1:
         index = {c: i for i, c in enumerate(cats)}
         qc = np.array([index.get(s.category, -1) for s in data.sketches])
+        orphans = int((qc < 0).sum())
+        if orphans:
+            # kept in mAP@all and P@100 as queries that find nothing (AP 0), as the metric always counted them
+            logger.warning(
+                "%d sketches belong to categories without photos in %s: they count as AP 0 in mAP@all and P@100",
+                orphans,
+                data.root,
+            )
         gc = np.array([index[p.category] for p in data.photos])
         cm = category_metrics(sim, qc, gc)
-        if not np.isnan(cm.map_all):  # NaN: no sketch of a category with photos, nothing to rank
-            result["category"] = {"mAP@all": cm.map_all, "P@100": cm.p_at_100}
+        result["category"] = {"mAP@all": cm.map_all, "P@100": cm.p_at_100}
     value = calibrate_threshold(sim[q], target) if threshold is None else threshold
     tm = threshold_metrics(sim[q], target, value)
     result["threshold"] = {"value": tm.value, "recall": tm.recall, "precision": tm.precision}

@@ -35,12 +35,12 @@ DEFAULT_MAX_PIXELS = 64_000_000
 # At 100:1 the resized photo is 100 crops long (15 MB at 224 px).
 MAX_PHOTO_ASPECT = 100.0
 
-# An ink crop is padded to a white square at full resolution, exactly as always, whenever its side is at most
-# full_square_limit(prep). That covers every crop of an image no longer than the side of a square image at
-# prep.max_pixels, margin included (8962 px, 80 MB, at the default limit), and never less than MAX_SKETCH_SQUARE.
-# A longer crop can only come from a long thin stroke across a strip of an image. It is scaled down to
-# SCALED_SKETCH_SQUARE before padding so that memory does not follow the stroke's length. That side is over 9 times
-# the model's input, so the extra step costs a few levels in edge pixels.
+# An ink crop is padded to a white square at full resolution, exactly as always, whenever the square holds at most
+# 4 x prep.max_pixels pixels (full_square_limit: 16,000 px and 256 MB at the default limit, and never less than
+# MAX_SKETCH_SQUARE). That covers every sketch whose longer side is under about 14,000 px, so every image within the
+# pixel limit up to about 3:1 between its sides. A larger square only comes from a long stroke across a long strip:
+# it is scaled down to SCALED_SKETCH_SQUARE before padding, so that memory does not follow the stroke's length.
+# That side is over 9 times the model's input, so the extra step costs a few levels in edge pixels.
 MAX_SKETCH_SQUARE = 8192
 SCALED_SKETCH_SQUARE = 2048
 
@@ -248,18 +248,16 @@ def load_sketch(source: ImageSource, prep: Preprocessing | None = None) -> Image
 
 
 def full_square_limit(prep: Preprocessing) -> int:
-    """The longest square side crop_sketch pads at full resolution, exactly as always, for these settings.
-
-    The square crop_sketch makes for an ink extent as long as the side of a square image at prep.max_pixels (the
-    same arithmetic, so every shorter extent fits too); at least MAX_SKETCH_SQUARE."""
-    return max(MAX_SKETCH_SQUARE, int(round(math.isqrt(prep.max_pixels) * (1 + 2 * prep.sketch_margin))) + 2)
+    """The longest square side crop_sketch pads at full resolution, exactly as always, for these settings: a
+    square of 4 x prep.max_pixels pixels, at least MAX_SKETCH_SQUARE."""
+    return max(MAX_SKETCH_SQUARE, math.isqrt(4 * prep.max_pixels))
 
 
 def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
     """Crop a black-on-white sketch to its ink with a margin and pad it to a white square.
 
-    A square longer than full_square_limit(prep) (only a long thin stroke across a strip of an image makes one) comes
-    out scaled down to SCALED_SKETCH_SQUARE."""
+    A square longer than full_square_limit(prep) (only a long stroke across a long strip makes one) comes out
+    scaled down to SCALED_SKETCH_SQUARE."""
     gray = sketch.convert("L")
     pixels = np.asarray(gray)
     ink = pixels < (255 - prep.ink_level)

@@ -537,15 +537,13 @@ def _discover_sets(paths: list[Path]) -> list[Path]:
     empty: list[str] = []
     for path in paths:
         if (path / "photo").is_dir() or (path / "sketch").is_dir():
-            found.append(path)
+            if path not in found:  # named twice, or also found under a folder named before it
+                found.append(path)
             continue
-        before = len(found)
-        for sub in sorted(path.rglob("photo")):
-            root = sub.parent
-            if root.name != "test" and root not in found:
-                found.append(root)
-        if len(found) == before:
+        roots = [sub.parent for sub in sorted(path.rglob("photo")) if sub.parent.name != "test"]
+        if not roots:  # a path whose sets were all found through another path given is not empty
             empty.append(str(path))
+        found += [root for root in roots if root not in found]
     if empty:
         raise DatasetError(
             f"no folder in the Sketchy layout (photo/, sketch/) under {', '.join(empty)} "
@@ -575,12 +573,11 @@ def check_writable(path: Path, what: str) -> None:
         raise SketchSearchError(
             f"cannot write {what} to {path}: cannot create a file in {path.parent} ({exc.strerror or exc})"
         ) from exc
-    if path.exists() and not os.access(path, os.W_OK):
-        raise SketchSearchError(f"cannot write {what} to {path}: the file is not writable")
 
 
 def _is_checkpoint_file(path: Path) -> bool:
-    """Whether `path` holds a sketchsearch checkpoint (of any state: a damaged one is still ours to replace)."""
+    """Whether `path` holds a readable sketchsearch checkpoint. A damaged one (truncated by a crash) reads as
+    someone else's file and is kept: deleting it is a person's decision."""
     try:
         # mmap: only the pickled header is read, not the weights
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -945,10 +942,13 @@ def train(
         stages.set_train(True)
         batches = make_batches()
         if not batches:  # the check above rules this out unless a small pseudo-sketch draw repeats photos
-            raise DatasetError(
-                f"epoch {epoch} drew no batch of {MIN_BATCH} pairs of distinct photos: add pairs or raise "
-                "pseudo_per_epoch"
-            )
+            if epoch == 1:  # nothing trained yet: say so now rather than save an untrained model
+                raise DatasetError(
+                    f"epoch 1 drew no batch of {MIN_BATCH} pairs of distinct photos: add pairs or raise "
+                    "pseudo_per_epoch"
+                )
+            # a later unlucky draw must not throw away the epochs already trained
+            logger.warning("epoch %d drew no batch of %d pairs of distinct photos: skipped", epoch, MIN_BATCH)
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch}/{cfg.epochs}", disable=not progress, leave=False)
         for batch in bar:

@@ -341,7 +341,10 @@ def eval_command(
             from encoder.train import check_writable
 
             check_writable(json_path, "the JSON report")  # before the evaluation, not after it
-        embedder = load_embedder(None if model == "default" else model, backend=backend)
+        # the ONNX exports go where the platform keeps them (HOME/models), shared with search and ingest
+        embedder = load_embedder(
+            None if model == "default" else model, backend=backend, cache_dir=_settings().model_cache_path
+        )
         report = evaluate_dataset(
             data_dir, embedder, categories={c for c in categories.split(",") if c} or None, neighbours=neighbours
         )

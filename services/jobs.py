@@ -284,11 +284,23 @@ class RedisJobStore:
         import redis
 
         self.url = url
-        # Only a Redis that cannot be reached (or answered too late) is worth waiting for: the worker hands
-        # such a batch back to the queue. A Redis that answers with an error (WRONGTYPE, NOPERM, OOM,
-        # READONLY) or refuses the password answers the same way next time, so retrying it would loop.
+        # A Redis that cannot be reached (or answered too late), or that cannot write for a while (a replica
+        # during a failover: READONLY; out of memory: OOM; a failed snapshot: MISCONF), is worth waiting for: the
+        # worker hands such a batch back to the queue, at most 10 times. A Redis that answers with an error of
+        # the command itself (WRONGTYPE, NOPERM) or refuses the password answers the same way next time.
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
-        self._transient: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
+        self._transient: tuple[type[BaseException], ...] = (
+            redis.ConnectionError,
+            redis.TimeoutError,
+            redis.exceptions.ReadOnlyError,
+            redis.exceptions.OutOfMemoryError,
+            redis.exceptions.TryAgainError,
+            redis.exceptions.MasterDownError,
+            redis.exceptions.ClusterDownError,
+            OSError,
+        )
+        # replies redis-py has no class for: it keeps their code at the start of the message
+        self._transient_replies = ("MISCONF ", "BUSY ")
         self._refused: tuple[type[BaseException], ...] = (
             # ConnectionErrors to redis-py, but a wrong password or a user without rights stays so
             redis.exceptions.AuthenticationError,
@@ -313,7 +325,8 @@ class RedisJobStore:
         try:
             yield
         except self._redis_errors as exc:
-            if isinstance(exc, self._transient) and not isinstance(exc, self._refused):
+            passing = isinstance(exc, self._transient) or str(exc).startswith(self._transient_replies)
+            if passing and not isinstance(exc, self._refused):
                 raise BrokerUnavailableError(broker_hint(self.url, exc)) from exc
             raise JobStoreError(
                 mask_url(

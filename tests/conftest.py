@@ -30,3 +30,13 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("models") / "tiny128.pt"
     build_tiny_model(path, dim=128)
     return path
+
+
+@pytest.fixture(autouse=True)
+def _home_outside_the_repo(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands a test runs without a HOME of its own (eval's ONNX exports, say) write under a temporary one,
+    never into ./.sketchsearch of the checkout; fixtures that set their own replace it."""
+    from services.config import get_settings
+
+    monkeypatch.setenv("SKETCHSEARCH_HOME", str(tmp_path_factory.mktemp("home")))
+    get_settings.cache_clear()

@@ -284,7 +284,7 @@ out['contrast'] = float(rows.max() - rows.min())
 
 
 def test_a_long_crop_scaled_down_first_prepares_like_the_full_size_square(monkeypatch: pytest.MonkeyPatch) -> None:
-    prep = Preprocessing()
+    prep = Preprocessing(max_pixels=16_000_000)  # a limit of 8192 px, so that the full-size square stays small
     # a zigzag stroke whose ink square is just over full_square_limit, so it is scaled down before padding
     limit = full_square_limit(prep)
     width = int(limit * 1.05)
@@ -384,19 +384,23 @@ def test_photos_up_to_the_aspect_bound_prepare_exactly_as_before(width: int, hei
     assert np.array_equal(prepare_photo(loaded, prep), _old_model_input(expected, prep))
 
 
-def test_full_square_limit_covers_a_square_image_at_the_pixel_limit() -> None:
+def test_full_square_limit_covers_images_at_the_pixel_limit_up_to_3_to_1() -> None:
     prep = Preprocessing()
-    assert full_square_limit(prep) == round(8000 * (1 + 2 * prep.sketch_margin)) + 2 == 8962
+    assert full_square_limit(prep) == 16_000  # a square of 4 x max_pixels
+    # the square of a 3:1 image at the pixel limit, its ink from end to end, fits
+    long_side = int((3 * prep.max_pixels) ** 0.5)
+    assert round(long_side * (1 + 2 * prep.sketch_margin)) + 2 <= full_square_limit(prep)
     assert full_square_limit(Preprocessing(max_pixels=1_000_000)) == MAX_SKETCH_SQUARE  # never below it
 
 
 def test_a_large_sketch_within_the_pixel_limit_is_padded_exactly_as_before() -> None:
-    # two dots in opposite corners of a 7600 x 7600 sheet (58 MB): its square, 8514 px, is over MAX_SKETCH_SQUARE
+    # two dots in opposite corners of an 8100 x 7900 sheet (64.0 M pixels, just within the limit): its square,
+    # 9063 px, is over MAX_SKETCH_SQUARE and over the side of a square image at the limit
     prep = Preprocessing()
-    sketch = Image.new("L", (7600, 7600), 255)
+    sketch = Image.new("L", (8100, 7900), 255)
     draw = ImageDraw.Draw(sketch)
     draw.rectangle([0, 0, 1, 1], fill=0)
-    draw.rectangle([7598, 7598, 7599, 7599], fill=0)
+    draw.rectangle([8098, 7898, 8099, 7899], fill=0)
     ours = crop_sketch(sketch, prep)
     assert MAX_SKETCH_SQUARE < ours.width == ours.height <= full_square_limit(prep)
     old = _old_crop_sketch(sketch, prep)

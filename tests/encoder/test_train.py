@@ -357,3 +357,20 @@ def test_validation_of_two_folders_of_one_name_keeps_both(tiny_model: Path, sket
     assert list(plain) == list(blended) == ["v1/test", "v2/test"]
     # each key holds its own folder's results: 4 and 6 sketches
     assert [plain[k]["instance"]["queries"] for k in plain] == [4, 6]
+
+
+def test_data_paths_may_overlap_but_each_must_hold_a_set(tmp_path: Path) -> None:
+    from encoder.errors import DatasetError
+    from encoder.train import _discover_sets
+
+    for name in ("a", "b"):
+        (tmp_path / "data" / name / "photo").mkdir(parents=True)
+    (tmp_path / "data" / "a" / "test" / "photo").mkdir(parents=True)  # found only when named directly
+    (tmp_path / "nothing").mkdir()
+    data = tmp_path / "data"
+    # a folder named twice, or a set named beside the folder that holds it, trains on each set once
+    assert _discover_sets([data, data / "a", data]) == [data / "a", data / "b"]
+    with pytest.raises(DatasetError, match="nothing"):
+        _discover_sets([data, tmp_path / "nothing"])
+    with pytest.raises(DatasetError, match="no such folder"):
+        _discover_sets([data, tmp_path / "missing"])

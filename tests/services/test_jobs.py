@@ -284,3 +284,22 @@ def test_a_redis_that_refuses_a_command_for_good_is_not_called_unreachable(
     # a worker hands a batch back on BrokerUnavailableError; on this it must not, or it loops forever
     assert not isinstance(caught.value, BrokerUnavailableError)
     assert "retrying will not help" in str(caught.value)
+
+
+def test_a_redis_out_of_memory_is_waited_for_not_given_up(redis_jobs: RedisJobStore, tmp_path: Path) -> None:
+    job, _ = new_job([PhotoFile(tmp_path / "a.jpg", "a")], 8, "celery", None)
+    redis_jobs.create_job(job)
+    client = redis_jobs.client
+    before = str(client.config_get("maxmemory")["maxmemory"])  # type: ignore[index]
+    policy = str(client.config_get("maxmemory-policy")["maxmemory-policy"])  # type: ignore[index]
+    client.config_set("maxmemory-policy", "noeviction")
+    client.config_set("maxmemory", 1)  # every write is refused with OOM until memory is freed or raised
+    try:
+        # a full Redis frees up (or is given memory): the worker hands the batch back rather than dropping it
+        with pytest.raises(BrokerUnavailableError, match="OutOfMemoryError"):
+            redis_jobs.mark_started(job.id, 0)
+    finally:
+        client.config_set("maxmemory", before)
+        client.config_set("maxmemory-policy", policy)
+    redis_jobs.mark_started(job.id, 0)
+    assert redis_jobs.get_job(job.id).attempts == {0: 1}
