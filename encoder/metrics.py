@@ -119,7 +119,7 @@ def retrieval_metrics(
         },
         "category": None,
     }
-    if len(cats) > 1:
+    if len(cats) > 1 and data.sketches:  # no sketch, no query to rank: nothing to average
         index = {c: i for i, c in enumerate(cats)}
         qc = np.array([index.get(s.category, -1) for s in data.sketches])
         orphans = int((qc < 0).sum())

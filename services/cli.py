@@ -353,9 +353,14 @@ def eval_command(
         return
     typer.echo(format_report(report))
     if json_path:
+        # through a file of its own in the same folder, as checkpoints are: what check_writable checked (the
+        # folder) is what the write needs, and a reader never sees half a report
+        tmp = json_path.with_name(f".{json_path.name}.{os.getpid()}.tmp")
         try:
-            json_path.write_text(json.dumps(report.to_json(), indent=2))
+            tmp.write_text(json.dumps(report.to_json(), indent=2))
+            tmp.replace(json_path)
         except OSError as exc:  # checked above, but the disk can fill or the folder go in the meantime
+            tmp.unlink(missing_ok=True)
             _fail(SketchSearchError(f"cannot write the JSON report to {json_path}: {exc.strerror or exc}"))
 
 

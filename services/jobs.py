@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -38,6 +39,8 @@ _REDIS_PREFIX = "sketchsearch:job:"
 _REDIS_INDEX = "sketchsearch:jobs"
 _RECORD_TTL_S = 30 * 24 * 3600
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# Redis replies that say "not now" (a failed snapshot, a busy script) and have no class in redis-py
+_TRANSIENT_REPLY = re.compile(r"(?:^|caused error: )(?:MISCONF|BUSY) ")
 
 
 class JobState(StrEnum):
@@ -299,8 +302,8 @@ class RedisJobStore:
             redis.exceptions.ClusterDownError,
             OSError,
         )
-        # replies redis-py has no class for: it keeps their code at the start of the message
-        self._transient_replies = ("MISCONF ", "BUSY ")
+        # replies redis-py has no class for: their code starts the message, or follows "caused error: " when a
+        # pipeline annotated it (every write here is a pipeline)
         self._refused: tuple[type[BaseException], ...] = (
             # ConnectionErrors to redis-py, but a wrong password or a user without rights stays so
             redis.exceptions.AuthenticationError,
@@ -325,7 +328,7 @@ class RedisJobStore:
         try:
             yield
         except self._redis_errors as exc:
-            passing = isinstance(exc, self._transient) or str(exc).startswith(self._transient_replies)
+            passing = isinstance(exc, self._transient) or _TRANSIENT_REPLY.search(str(exc)) is not None
             if passing and not isinstance(exc, self._refused):
                 raise BrokerUnavailableError(broker_hint(self.url, exc)) from exc
             raise JobStoreError(

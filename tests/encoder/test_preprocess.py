@@ -395,7 +395,7 @@ def test_full_square_limit_covers_images_at_the_pixel_limit_up_to_3_to_1() -> No
 
 def test_a_large_sketch_within_the_pixel_limit_is_padded_exactly_as_before() -> None:
     # two dots in opposite corners of an 8100 x 7900 sheet (64.0 M pixels, just within the limit): its square,
-    # 9063 px, is over MAX_SKETCH_SQUARE and over the side of a square image at the limit
+    # 9074 px, is over MAX_SKETCH_SQUARE and over the side of a square image at the limit
     prep = Preprocessing()
     sketch = Image.new("L", (8100, 7900), 255)
     draw = ImageDraw.Draw(sketch)

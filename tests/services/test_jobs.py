@@ -303,3 +303,20 @@ def test_a_redis_out_of_memory_is_waited_for_not_given_up(redis_jobs: RedisJobSt
         client.config_set("maxmemory-policy", policy)
     redis_jobs.mark_started(job.id, 0)
     assert redis_jobs.get_job(job.id).attempts == {0: 1}
+
+
+def test_a_redis_that_says_not_now_inside_a_pipeline_is_waited_for(redis_jobs: RedisJobStore) -> None:
+    import redis
+
+    # what redis-py raises for MISCONF inside a pipeline: the reply's code after its own annotation
+    annotated = redis.ResponseError(
+        "Command # 1 (HINCRBY sketchsearch:job:x started:0 1) of pipeline caused error: MISCONF Redis is "
+        "configured to save RDB snapshots, but it's currently unable to persist to disk"
+    )
+    for exc, expected in (
+        (annotated, BrokerUnavailableError),
+        (redis.ResponseError("BUSYKEY Target key"), JobStoreError),
+    ):
+        with pytest.raises(expected):
+            with redis_jobs._translated():
+                raise exc
