@@ -104,14 +104,6 @@ def load_dataset(root: Path | str) -> SketchyDataset:
     return SketchyDataset(root, photos, sketches)
 
 
-def file_message(path: Path | str, message: str) -> str:
-    """`message` about the file `path`, naming it exactly once: image errors mostly start with the file already,
-    some do not ("the sketch is empty"), and PIL repeats it inside its own ("cannot identify image file '<path>'")."""
-    name = str(path)
-    text = message.replace(f" '{name}'", "").replace(f"'{name}'", "")
-    return text if name in text else f"{name}: {text}"
-
-
 def check_categories(requested: Iterable[str], known: Iterable[str], what: str) -> None:
     """DatasetError naming the `requested` categories that are not among `known`: a misspelt category would
     otherwise be ignored silently and change what is trained on or measured. `what` says which ones they are

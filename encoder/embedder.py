@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from encoder.checkpoint import Checkpoint, load_checkpoint
-from encoder.data import file_message
 from encoder.errors import ModelLoadError, SketchSearchError
 from encoder.export import DOMAINS, EXPORT_VERSION, export_onnx
 from encoder.preprocess import (
@@ -146,15 +145,7 @@ class Embedder:
     def embed_sketches(self, sketches: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """Sketches (decoded or files) -> embeddings; EmptySketchError or InvalidImageError on bad input, naming
         the file when the sketch is one."""
-        arrays = []
-        for s in sketches:
-            try:
-                arrays.append(prepare_sketch(load_sketch(s, self.prep), self.prep))
-            except SketchSearchError as exc:
-                # among a folder's sketches, "the sketch is empty" alone does not say which one
-                if not isinstance(s, str | Path) or file_message(s, str(exc)) == str(exc):
-                    raise
-                raise type(exc)(file_message(s, str(exc))) from exc
+        arrays = [prepare_sketch(load_sketch(s, self.prep), self.prep) for s in sketches]
         vectors = self._embed_all(arrays, "sketch", batch_size)
         if self.prep.sketch_flip and len(arrays):
             mirrored = self._embed_all([a[:, :, ::-1].copy() for a in arrays], "sketch", batch_size)
@@ -180,7 +171,7 @@ class Embedder:
             except SketchSearchError as exc:
                 return FileFailure(path, str(exc))
             except Exception as exc:  # a decoder bug on one file must not stop a gallery ingest
-                return FileFailure(path, f"{type(exc).__name__}: {exc}")
+                return FileFailure(path, f"{path}: {type(exc).__name__}: {exc}")  # named, as ours are
 
         ok_paths: list[Path] = []
         sizes: list[tuple[int, int]] = []

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from encoder.data import SketchyDataset, check_categories, file_message, load_dataset
+from encoder.data import SketchyDataset, check_categories, load_dataset
 from encoder.embedder import Embedder
 from encoder.errors import DatasetError
 from encoder.metrics import retrieval_metrics
@@ -47,7 +47,7 @@ def embed_gallery(embedder: Embedder, data: SketchyDataset, batch_size: int = 32
     metrics index the gallery by position."""
     photos = embedder.embed_photo_files([p.path for p in data.photos], batch_size=batch_size)
     if photos.failures:
-        bad = ", ".join(file_message(f.path, f.reason) for f in photos.failures[:3])
+        bad = ", ".join(f.reason for f in photos.failures[:3])  # each names its file
         raise DatasetError(f"{len(photos.failures)} photos could not be read: {bad}")
     return photos.vectors
 

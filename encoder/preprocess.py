@@ -90,7 +90,9 @@ def _open(source: str | Path | bytes | BinaryIO) -> Image.Image:
         # PIL's own limit, from the header alone: it only fires for a max_pixels above twice PIL's limit
         raise InvalidImageError(f"{name}: too many pixels, exceeds the limit of PIL's bomb check ({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidImageError(f"{name}: not a readable image ({exc})") from exc
+        # PIL names the file inside its own message too ("cannot identify image file '<path>'"): once is enough
+        detail = str(exc).replace(f" '{name}'", "")
+        raise InvalidImageError(f"{name}: not a readable image ({detail})") from exc
 
 
 def _check_size(image: Image.Image, name: str, max_pixels: int, max_aspect: float | None = None) -> None:
@@ -113,14 +115,16 @@ def _too_elongated(width: int, height: int, max_aspect: float) -> bool:
 
 
 @contextmanager
-def open_image(source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[Image.Image]:
+def open_image(
+    source: str | Path | bytes | BinaryIO, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect: float | None = None
+) -> Iterator[Image.Image]:
     """Open an image lazily once its header passes the pixel limit; its file is closed on leaving, error or not.
 
     The one way encoder code opens image files: InvalidImageError if missing, unreadable or too large."""
     image = _open(source)
     # Image.__exit__ closes only a file PIL opened itself (a path), never a stream the caller passed in
     with image:
-        _check_size(image, _source_name(source), max_pixels)
+        _check_size(image, _source_name(source), max_pixels, max_aspect)
         yield image
 
 
@@ -131,15 +135,13 @@ def _decode(
 
     The result is an in-memory copy: no file stays open behind it, not even for a multi-frame GIF or TIFF."""
     if isinstance(source, Image.Image):
-        return _decoded(source, _source_name(source), max_pixels, draft_size, max_aspect)
-    with open_image(source, max_pixels) as image:
-        return _decoded(image, _source_name(image) or _source_name(source), max_pixels, draft_size, max_aspect)
+        _check_size(source, _source_name(source), max_pixels, max_aspect)
+        return _decoded(source, _source_name(source), draft_size)
+    with open_image(source, max_pixels, max_aspect) as image:  # the header checked there
+        return _decoded(image, _source_name(image) or _source_name(source), draft_size)
 
 
-def _decoded(
-    image: Image.Image, name: str, max_pixels: int, draft_size: int | None, max_aspect: float | None
-) -> Image.Image:
-    _check_size(image, name, max_pixels, max_aspect)
+def _decoded(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
     width, height = image.size
     try:
         if draft_size and image.format == "JPEG":
@@ -244,6 +246,9 @@ def load_sketch(source: ImageSource, prep: Preprocessing | None = None) -> Image
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if float(np.median(border)) < 128:  # white strokes on a dark background: invert
         gray = ImageOps.invert(gray)
+    name = _source_name(source)
+    if name != "<bytes>":  # crop_sketch names it when the sketch is empty: one of thousands, say which
+        gray.info["source"] = name
     return gray
 
 
@@ -262,7 +267,8 @@ def crop_sketch(sketch: Image.Image, prep: Preprocessing) -> Image.Image:
     pixels = np.asarray(gray)
     ink = pixels < (255 - prep.ink_level)
     if int(ink.sum()) < 4:
-        raise EmptySketchError("the sketch is empty: no strokes were found")
+        source = sketch.info.get("source")
+        raise EmptySketchError(f"{source + ': ' if source else ''}the sketch is empty: no strokes were found")
     rows = np.flatnonzero(ink.any(axis=1))
     cols = np.flatnonzero(ink.any(axis=0))
     top, bottom, left, right = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1

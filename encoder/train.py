@@ -27,7 +27,7 @@ from PIL import Image, ImageOps
 from torch import nn
 
 from encoder.checkpoint import Checkpoint, inference_state, save_checkpoint
-from encoder.data import SketchyDataset, check_categories, file_message, load_dataset
+from encoder.data import SketchyDataset, check_categories, load_dataset
 from encoder.errors import DatasetError, SketchSearchError
 from encoder.metrics import retrieval_metrics
 from encoder.model import (
@@ -203,14 +203,9 @@ def draw_views(n: int, views: int, mirror_pairs: bool, rng: random.Random) -> tu
 def sketch_input(
     path: Path, prep: Preprocessing, rng: random.Random | None, mirror: bool | None = None
 ) -> np.ndarray:
-    try:
-        cropped = crop_sketch(load_sketch(path, prep), prep)
-    except SketchSearchError as exc:
-        # "the sketch is empty" alone does not say which of thousands
-        if file_message(path, str(exc)) == str(exc):
-            raise
-        raise type(exc)(file_message(path, str(exc))) from exc
-    square = cropped.resize((prep.image_size, prep.image_size), Image.Resampling.LANCZOS)
+    square = crop_sketch(load_sketch(path, prep), prep).resize(
+        (prep.image_size, prep.image_size), Image.Resampling.LANCZOS
+    )
     if rng is not None:
         square = _affine(square, rng, 255, mirror)
     return _normalise(np.asarray(square), prep)

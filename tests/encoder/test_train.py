@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from encoder.checkpoint import load_checkpoint, save_checkpoint
-from encoder.data import SketchyDataset, file_message, load_dataset
+from encoder.data import SketchyDataset, load_dataset
 from encoder.embedder import load_embedder
 from encoder.errors import DatasetError, EmptySketchError, ModelLoadError, SketchSearchError
 from encoder.model import ModelConfig, SketchPhotoEncoder, load_imagenet_classifier, load_imagenet_weights
@@ -331,9 +331,7 @@ def test_a_blank_or_unreadable_sketch_is_named_once(tiny_model: Path, tmp_path: 
     with pytest.raises(SketchSearchError) as unreadable:
         embedder.embed_sketches([junk])
     assert str(unreadable.value).count(str(junk)) == 1  # PIL's message names it too
-    pil = "a.jpg: bad (cannot identify image file 'a.jpg')"
-    assert file_message("a.jpg", pil) == "a.jpg: bad (cannot identify image file)"
-    assert file_message("a.jpg", "empty") == "a.jpg: empty"
+    assert str(unreadable.value).startswith(f"{junk}: ")
 
 
 def test_validation_keys_stay_folder_names_unless_two_share_one(tmp_path: Path) -> None:
