@@ -22,10 +22,9 @@ from encoder.errors import ModelLoadError, SketchSearchError
 from encoder.export import DOMAINS, EXPORT_VERSION, export_onnx
 from encoder.preprocess import (
     ImageSource,
-    load_photo,
     load_sketch,
-    original_size,
     prepare_photo,
+    prepare_photo_file,
     prepare_sketch,
 )
 
@@ -165,9 +164,8 @@ class Embedder:
         """Decode (in threads) and embed photo files; a bad file is reported, never fatal."""
 
         def decode(path: Path) -> tuple[np.ndarray, tuple[int, int]] | FileFailure:
-            try:
-                photo = load_photo(path, self.prep)
-                return prepare_photo(photo, self.prep), original_size(photo)
+            try:  # scaled here, in the decoding threads: the model's thread only stacks the batch
+                return prepare_photo_file(path, self.prep)
             except SketchSearchError as exc:
                 return FileFailure(path, str(exc))
             except Exception as exc:  # a decoder bug on one file must not stop a gallery ingest

@@ -141,7 +141,9 @@ def _decode(
         return _decoded(image, _source_name(image) or _source_name(source), draft_size)
 
 
-def _decoded(image: Image.Image, name: str, draft_size: int | None) -> Image.Image:
+def _decoded(image: Image.Image, name: str, draft_size: int | None, detach: bool = True) -> Image.Image:
+    """The decoded image, EXIF orientation applied; with detach=False an upright image is `image` itself (not a
+    copy), which is only valid until its file is closed."""
     width, height = image.size
     try:
         if draft_size and image.format == "JPEG":
@@ -151,8 +153,9 @@ def _decoded(image: Image.Image, name: str, draft_size: int | None) -> Image.Ima
             warnings.simplefilter("ignore")
             image.load()
         orientation = image.getexif().get(0x0112, 1)
-        # a new image (transposed, or a plain copy when upright), so the file behind `image` can be closed
-        image = ImageOps.exif_transpose(image) or image
+        if detach or orientation != 1:
+            # a new image (transposed, or a plain copy when upright), so the file behind `image` can be closed
+            image = ImageOps.exif_transpose(image) or image
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise InvalidImageError(f"{name}: corrupt or truncated image ({exc})") from exc
     # the draft decode may be smaller than the file: keep the photo's own size (as displayed) for the caller
@@ -232,9 +235,35 @@ def load_photo(source: ImageSource, prep: Preprocessing | None = None) -> Image.
 
     Bad includes more than MAX_PHOTO_ASPECT between its sides: the centre crop would show next to nothing."""
     prep = prep or Preprocessing()
-    image = _decode(source, prep.max_pixels, draft_size=prep.image_size, max_aspect=MAX_PHOTO_ASPECT)
+    return _photo_rgb(_decode(source, prep.max_pixels, draft_size=prep.image_size, max_aspect=MAX_PHOTO_ASPECT))
+
+
+def _photo_rgb(image: Image.Image) -> Image.Image:
     image = _flatten_alpha(to_8bit(image))
     return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def load_photo_pixels(
+    source: str | Path | bytes | BinaryIO, prep: Preprocessing
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A photo file straight to its model-sized RGB pixels (uint8, HWC) and its own size: exactly
+    resize_photo(load_photo(source)) and original_size.
+
+    An upright photo is resized from the decoded file itself, without the full-size copy load_photo makes so that
+    it can outlive the file: about an eighth of the decoding work for a 256 px JPEG."""
+    with open_image(source, prep.max_pixels, MAX_PHOTO_ASPECT) as image:  # the header checked there
+        decoded = _decoded(image, _source_name(image) or _source_name(source), prep.image_size, detach=False)
+        photo = _photo_rgb(decoded)
+        return np.asarray(resize_photo(photo, prep.image_size)), original_size(decoded)
+
+
+def prepare_photo_file(
+    source: str | Path | bytes | BinaryIO, prep: Preprocessing
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """A photo file -> its model input (CHW float32) and its own size, the bulk path: bit for bit what
+    prepare_photo(load_photo(source)) gives, with less work (load_photo_pixels, normalise_batch)."""
+    pixels, size = load_photo_pixels(source, prep)
+    return normalise_batch(pixels[None], prep)[0], size
 
 
 def load_sketch(source: ImageSource, prep: Preprocessing | None = None) -> Image.Image:
@@ -348,6 +377,8 @@ def resize_photo(photo: Image.Image, size: int) -> Image.Image:
     if not _too_elongated(w, h, MAX_PHOTO_ASPECT):
         # every photo load_photo accepts: the arithmetic the shipped models were trained with, bit for bit
         resized = photo.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=None)
+        if (nw, nh) == (size, size):  # a square photo: nothing to crop (crop would only copy it)
+            return resized
         return resized.crop((left, top, left + size, top + size))
     # only a direct caller's strip beyond MAX_PHOTO_ASPECT: resample just the region under the crop (its edges in
     # source pixels) so the work stays bounded. Close to the whole resize but not bit-identical: PIL's float
@@ -359,6 +390,18 @@ def resize_photo(photo: Image.Image, size: int) -> Image.Image:
 def prepare_photo(photo: Image.Image, prep: Preprocessing) -> np.ndarray:
     """A decoded photo -> normalised CHW float32 model input."""
     return _normalise(np.asarray(resize_photo(photo, prep.image_size)), prep)
+
+
+def normalise_batch(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Photos' uint8 pixels (N, H, W, 3) -> model inputs (N, C, H, W) float32: the same values as stacking
+    prepare_photo's, by arithmetic rather than its table lookup (cheaper for a photo's 110,592 values)."""
+    if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[3] != 3 or prep.channels != 3:
+        return np.stack([_normalise(p, prep) for p in pixels])
+    out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)
+    # float32 throughout, as _scale_table computes its entries: bit for bit the same values
+    np.subtract(pixels.transpose(0, 3, 1, 2), np.float32(prep.mean), out=out, dtype=np.float32)
+    out /= np.float32(prep.std)
+    return out
 
 
 def prepare_sketch(sketch: Image.Image, prep: Preprocessing) -> np.ndarray:

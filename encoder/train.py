@@ -627,6 +627,8 @@ def train(
             f"the batch size must be at least {MIN_BATCH} (not {cfg.batch_size}): "
             f"batches of fewer than {MIN_BATCH} pairs are not trained on"
         )
+    if cfg.cache_views < 1:  # the first cached view is the unaugmented image: training draws from at least that
+        raise SketchSearchError(f"cache_views must be at least 1 (not {cfg.cache_views})")
     out = Path(out)
     check_checkpoint_output(out)
     t_start = time.time()
@@ -1004,12 +1006,13 @@ def train(
         history.append(
             {
                 "epoch": epoch,
-                "loss": float(np.mean(losses)) if losses else 0.0,
+                "loss": float(np.mean(losses)) if losses else None,  # None: a skipped epoch, not a perfect one
                 "probe_loss": probe_loss(),
                 "val": results,
             }
         )
-        logger.info("epoch %d loss %.4f val %s", epoch, history[-1]["loss"], _summary(results))
+        loss_text = f"{history[-1]['loss']:.4f}" if losses else "- (skipped)"
+        logger.info("epoch %d loss %s val %s", epoch, loss_text, _summary(results))
         if not val_caches or not cfg.select_best or epoch_score > best_score:
             best_score, best_epoch = epoch_score, epoch
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

@@ -26,9 +26,13 @@ from encoder.preprocess import (
     crop_sketch,
     full_square_limit,
     load_photo,
+    load_photo_pixels,
     load_sketch,
+    normalise_batch,
     open_image,
+    original_size,
     prepare_photo,
+    prepare_photo_file,
     prepare_sketch,
     resize_photo,
 )
@@ -152,9 +156,10 @@ def test_bad_files_give_a_clear_error(tmp_path: Path) -> None:
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     for path in (corrupt, truncated, text, empty, tmp_path / "missing.jpg", tmp_path):
-        with pytest.raises(InvalidImageError) as info:
-            load_photo(path)
-        assert path.name in str(info.value)
+        for load in (load_photo, lambda p: load_photo_pixels(p, Preprocessing())):
+            with pytest.raises(InvalidImageError) as info:
+                load(path)
+            assert path.name in str(info.value)
 
 
 def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path) -> None:
@@ -186,6 +191,43 @@ def test_photo_modes_are_normalised(tmp_path: Path) -> None:
         arr = prepare_photo(load_photo(image, prep), prep)
         assert arr.shape == (3, 224, 224)
         assert np.isfinite(arr).all()
+
+
+def test_the_bulk_photo_path_prepares_exactly_as_load_and_prepare(tmp_path: Path) -> None:
+    """embed_photo_files decodes without the full-size copy and scales by arithmetic: the same inputs, bit for bit."""
+    rng = np.random.default_rng(3)
+
+    def noise(width: int, height: int) -> Image.Image:
+        return Image.fromarray((rng.random((height, width, 3)) * 255).astype(np.uint8))
+
+    rotated = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    noise(300, 200).save(rotated, "JPEG", exif=exif)
+    files = {"square.jpg": noise(256, 256), "wide.jpg": noise(300, 200), "large.jpg": noise(1200, 900),
+             "gray.jpg": noise(200, 260).convert("L"), "alpha.png": noise(240, 180).convert("RGBA"),
+             "deep.png": Image.fromarray((rng.random((150, 170)) * 65535).astype(np.uint16))}
+    for name, image in files.items():
+        image.save(tmp_path / name)
+    frames = [noise(64, 48), noise(64, 48)]
+    frames[0].save(tmp_path / "two.gif", save_all=True, append_images=frames[1:])
+    paths = [rotated, *(tmp_path / name for name in files), tmp_path / "two.gif"]
+    for prep in (Preprocessing(image_size=192), Preprocessing(image_size=64, channels=1, mean=0.0, std=255.0)):
+        photos = [load_photo(p, prep) for p in paths]
+        pixels, sizes = zip(*(load_photo_pixels(p, prep) for p in paths), strict=True)
+        assert list(sizes) == [original_size(photo) for photo in photos]
+        assert sizes[0] == (200, 300)  # EXIF orientation applied
+        for photo, ours in zip(photos, pixels, strict=True):
+            assert ours.dtype == np.uint8
+            assert np.array_equal(ours, np.asarray(resize_photo(photo, prep.image_size)))
+        expected = np.stack([prepare_photo(photo, prep) for photo in photos])
+        batch = normalise_batch(np.stack(pixels), prep)
+        assert batch.dtype == np.float32 and batch.shape == expected.shape
+        assert np.array_equal(batch, expected)
+        for path, photo, want in zip(paths, photos, expected, strict=True):
+            got, size = prepare_photo_file(path, prep)
+            assert np.array_equal(got, want) and size == original_size(photo)
+    assert not {str(p.resolve()) for p in paths} & _open_paths()
 
 
 def test_jpeg_draft_decode_matches_full_decode_closely(tmp_path: Path) -> None:
@@ -309,10 +351,12 @@ def test_too_elongated_photos_are_refused_up_to_the_bound(tmp_path: Path) -> Non
     Image.new("RGB", (int(side * MAX_PHOTO_ASPECT) + 1, side), (10, 200, 30)).save(wide)
     Image.new("RGB", (side, int(side * MAX_PHOTO_ASPECT) + 1), (10, 200, 30)).save(tall)
     assert prepare_photo(load_photo(ok, prep), prep).shape == (3, 224, 224)
+    assert load_photo_pixels(ok, prep)[0].shape == (224, 224, 3)
     for path in (wide, tall):
-        with pytest.raises(InvalidImageError, match="elongated") as info:
-            load_photo(path, prep)
-        assert path.name in str(info.value)
+        for load in (load_photo, load_photo_pixels):
+            with pytest.raises(InvalidImageError, match="elongated") as info:
+                load(path, prep)
+            assert path.name in str(info.value)
 
 
 def test_strips_beyond_the_bound_resize_close_to_a_whole_resize() -> None:

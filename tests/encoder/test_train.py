@@ -270,6 +270,8 @@ def test_train_checks_settings_data_and_output_before_reading_an_image(tmp_path:
         attempt(epochs=0)
     with pytest.raises(SketchSearchError, match=f"batch size must be at least {MIN_BATCH}"):
         attempt(batch_size=MIN_BATCH - 1)
+    with pytest.raises(SketchSearchError, match="cache_views must be at least 1"):
+        attempt(cache_views=0)
     # the output: a place where no file can be made, a file where a folder must be, someone else's file
     with pytest.raises(SketchSearchError, match="cannot write the checkpoint"):
         attempt(out=Path("/proc/sketchsearch-test.pt"))
