@@ -3,10 +3,10 @@
     .venv/bin/python bench/bench_photo_path.py [--model default] [--photos 512] [--rounds 12] [--session-options]
 
 The photo arrangements change only how `Embedder.embed_photo_files` prepares each photo (the inputs are the same
-bit for bit): `current` (prepare_photo_file in the decoding threads), `copy+table` (the earlier load_photo, whose
-upright photos are copied whole, then prepare_photo's table lookup) and `batch-in-model-thread` (uint8 pixels from
-the threads, stacked and scaled per batch in the model's thread). With --session-options, ONNX Runtime session
-settings on the current arrangement instead.
+bit for bit): `current` (prepare_photo_file in the decoding threads), `copy+table` (the path before it: load_photo,
+whose upright photos are copied whole, a crop that copies a square photo again, and a table lookup) and
+`batch-in-model-thread` (uint8 pixels from the threads, stacked and scaled per batch in the model's thread). With
+--session-options, ONNX Runtime session settings on the current arrangement instead.
 """
 
 from __future__ import annotations
@@ -25,20 +25,26 @@ from encoder.embedder import Embedder, load_embedder
 from encoder.export import EXPORT_VERSION
 from encoder.preprocess import (
     Preprocessing,
+    _normalise,
     load_photo,
     load_photo_pixels,
     normalise_batch,
     original_size,
-    prepare_photo,
     prepare_photo_file,
+    resize_photo,
 )
 
 Prepared = tuple[np.ndarray, tuple[int, int]]
 
 
 def copy_and_table(path: Path, prep: Preprocessing) -> Prepared:
+    """The path before the twenty-first session: load_photo's full-size copy, a crop even of a square photo (which
+    only copied it), then prepare_photo's table lookup."""
     photo = load_photo(path, prep)
-    return prepare_photo(photo, prep), original_size(photo)
+    resized = resize_photo(photo, prep.image_size)
+    if photo.width == photo.height:
+        resized = resized.crop((0, 0, prep.image_size, prep.image_size))
+    return _normalise(np.asarray(resized), prep), original_size(photo)
 
 
 # name -> (what each decoding thread returns, whether the model's thread scales the stacked uint8 batch)
