@@ -60,6 +60,39 @@ def views(photo: Image.Image, rng: random.Random) -> list[Image.Image]:
     return [photo, crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop]
 
 
+def fit_photo_vectors(
+    model: SketchPhotoEncoder, first: int, front: torch.Tensor, target: torch.Tensor, epochs: int, lr: float,
+    label: str,
+) -> None:
+    """Train the model's blocks from `first` on, its head conv and its photo head, in place, so that the block
+    inputs `front` give the photo vectors `target` (cosine loss); the rest of the model stays as it is."""
+    trunk = model.trunk
+    trained = [*trunk._blocks[first:], trunk._conv_head, trunk._bn1, model.photo_head]
+    params = [p for m in trained for p in m.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    steps = epochs * math.ceil(len(front) / 32)
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.eval()  # the BatchNorm statistics, dropout and drop-path stay the model's; only weights move
+    for epoch in range(epochs):
+        order, total, t0 = torch.randperm(len(front)), 0.0, time.perf_counter()
+        for i in range(0, len(front), 32):
+            rows = order[i : i + 32]
+            feats = model.features_from(front[rows], first, [], "photo")
+            out = model.join_pooled(model.finish(model.photo_head(feats)), feats[:, :POOLED_DIM], "photo")
+            loss = (1 - (out * target[rows]).sum(dim=1)).mean()
+            optimiser.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimiser.step()
+            schedule.step()
+            total += float(loss.detach()) * len(rows)
+        print(f"# {label}, epoch {epoch + 1}/{epochs}: 1 - cosine {total / len(front):.4f} "
+              f"({time.perf_counter() - t0:.0f} s, {len(front)} views)", flush=True)
+
+
 def distil(ckpt: Checkpoint, teacher: Embedder, side: int, epochs: int, data_root: Path) -> Checkpoint:
     """A copy of the weights at `side`, trained to reproduce the teacher's photo vectors on the training photos."""
     torch.manual_seed(0)
@@ -84,31 +117,7 @@ def distil(ckpt: Checkpoint, teacher: Embedder, side: int, epochs: int, data_roo
             fronts.append(h)
             big, little = [], []
     front, target = torch.cat(fronts), torch.from_numpy(np.concatenate(targets))
-    trunk = model.trunk
-    trained = [*trunk._blocks[first:], trunk._conv_head, trunk._bn1, model.photo_head]
-    params = [p for m in trained for p in m.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    steps = epochs * math.ceil(len(front) / 32)
-    optimiser = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=1e-4, total_steps=steps, pct_start=0.1)
-    model.eval()  # the BatchNorm statistics, dropout and drop-path stay the model's; only weights move
-    for epoch in range(epochs):
-        order, total, t0 = torch.randperm(len(front)), 0.0, time.perf_counter()
-        for i in range(0, len(front), 32):
-            rows = order[i : i + 32]
-            feats = model.features_from(front[rows], first, [], "photo")
-            out = model.join_pooled(model.finish(model.photo_head(feats)), feats[:, :POOLED_DIM], "photo")
-            loss = (1 - (out * target[rows]).sum(dim=1)).mean()
-            optimiser.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimiser.step()
-            schedule.step()
-            total += float(loss.detach()) * len(rows)
-        print(f"# {side} px, epoch {epoch + 1}/{epochs}: 1 - cosine {total / len(front):.4f} "
-              f"({time.perf_counter() - t0:.0f} s, {len(front)} views)", flush=True)
+    fit_photo_vectors(model, first, front, target, epochs, 1e-4, f"{side} px")
     return replace(small, state_dict=inference_state(model))
 
 
