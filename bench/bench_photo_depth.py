@@ -161,9 +161,9 @@ def quality(ckpt: Checkpoint, variants: dict[str, Embedder], data_root: Path) ->
                       flush=True)
 
 
-def speed(ckpt: Checkpoint, dropped: set[int], data_root: Path, rounds: int, n: int = 512) -> None:
-    model = ckpt.build()
-    assert isinstance(model, SketchPhotoEncoder)
+def speed(
+    ckpt: Checkpoint, model: SketchPhotoEncoder, dropped: set[int], data_root: Path, rounds: int, n: int = 512
+) -> None:
     arms = {"full": embedder_with_photos(ckpt, None), "shallow": embedder_with_photos(ckpt, shallow(model, dropped))}
     paths = sorted((data_root / "sketchy100" / "photo").glob("*/*.jpg"))[:n]
     prep = ckpt.preprocessing
@@ -203,15 +203,14 @@ def main() -> None:
     ckpt = load_checkpoint(None if args.model == "default" else args.model)
     model = ckpt.build()
     assert isinstance(model, SketchPhotoEncoder)
-    photos = training_photos(args.data)
     if args.drop:
         dropped = {int(i) for i in args.drop.split(",")}
     else:
-        sample = random.Random(1).sample(photos, 128)
+        sample = random.Random(1).sample(training_photos(args.data), 128)
         dropped = pick_dropped(model, np.stack([prepare_photo(load_photo(p, ckpt.preprocessing),
                                                               ckpt.preprocessing) for p in sample]))
     if args.speed:
-        speed(ckpt, dropped, args.data, args.rounds)
+        speed(ckpt, model, dropped, args.data, args.rounds)
         return
     variants = {"full model": embedder_with_photos(ckpt, None)}
     student = shallow(model, dropped)
@@ -219,6 +218,7 @@ def main() -> None:
     if args.distil_epochs:
         # the first fine-tuned block of the model, as the student numbers it
         first = sum(1 for i in range(default_first_trained_block(ckpt.config.arch)) if i not in dropped)
+        photos = training_photos(args.data)
         distil(student, first, variants["full model"], ckpt, photos, args.distil_epochs, args.views, args.lr)
         variants[f"distilled {args.distil_epochs} ep"] = embedder_with_photos(ckpt, student)
     quality(ckpt, variants, args.data)
