@@ -23,8 +23,8 @@ from encoder.metrics import retrieval_metrics
 
 def _cells(data: SketchyDataset, sketches: np.ndarray, photos: np.ndarray) -> list[float]:
     m = retrieval_metrics(sketches, photos, data)
-    cells = [m["instance"]["acc@1"], m["instance"]["acc@3"], m["instance"]["acc@10"]]
-    return cells + ([m["category"]["mAP@all"]] if m["category"] else [])
+    cells = [m.instance.acc[1], m.instance.acc[3], m.instance.acc[10]]
+    return cells + ([m.category.map_all] if m.category else [])
 
 
 def _join(parts: list[np.ndarray], weights: list[float]) -> np.ndarray:

@@ -50,12 +50,12 @@ def quality(embedder: Embedder, data_root: Path, ks: list[int]) -> None:
         for k in ks:
             gallery = blend_gallery(photos, k)
             m = retrieval_metrics(sketches, gallery, data, threshold=embedder.threshold)
-            inst, cat, th = m["instance"], m["category"], m["threshold"]
-            calibrated = retrieval_metrics(sketches, gallery, data)["threshold"]["value"]  # none given: fitted
-            map_all = f"{cat['mAP@all']:>8.3f}" if cat else f"{'n/a':>8}"
+            acc, th = m.instance.acc, m.threshold
+            calibrated = retrieval_metrics(sketches, gallery, data).threshold.value  # none given: fitted
+            map_all = f"{m.category.map_all:>8.3f}" if m.category else f"{'n/a':>8}"
             print(
-                f"{name:<16} {k:>3} {inst['acc@1']:>6.3f} {inst['acc@5']:>6.3f} {inst['acc@10']:>6.3f} {map_all} "
-                f"{th['recall']:>7.3f} {th['precision']:>9.3f} {calibrated:>10.3f}"
+                f"{name:<16} {k:>3} {acc[1]:>6.3f} {acc[5]:>6.3f} {acc[10]:>6.3f} {map_all} "
+                f"{th.recall:>7.3f} {th.precision:>9.3f} {calibrated:>10.3f}"
             )
 
 

@@ -23,7 +23,7 @@ from PIL import ImageOps
 from encoder.checkpoint import load_checkpoint
 from encoder.data import HELD_OUT_CATEGORIES, SketchyDataset, load_dataset
 from encoder.embedder import Embedder
-from encoder.metrics import retrieval_metrics
+from encoder.metrics import RetrievalMetrics, retrieval_metrics
 from encoder.preprocess import load_photo
 
 
@@ -31,10 +31,10 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
-def _row(label: str, m: dict) -> str:
-    inst, cat = m["instance"], (m["category"] or {}).get("mAP@all")
-    return f"{label:<40} {inst['acc@1']:>6.3f} {inst['acc@3']:>6.3f} {inst['acc@10']:>6.3f} " + (
-        f"{cat:>8.3f}" if cat is not None else f"{'n/a':>8}"
+def _row(label: str, m: RetrievalMetrics) -> str:
+    acc = m.instance.acc
+    return f"{label:<40} {acc[1]:>6.3f} {acc[3]:>6.3f} {acc[10]:>6.3f} " + (
+        f"{m.category.map_all:>8.3f}" if m.category else f"{'n/a':>8}"
     )
 
 

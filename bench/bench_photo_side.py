@@ -141,9 +141,9 @@ def quality(ckpt: Checkpoint, sides: list[int], epochs: int, data_root: Path) ->
             photos = embed_gallery(emb, data)
             for k in (0, 5):
                 m = retrieval_metrics(sketches, blend_gallery(photos, k), data)
-                inst, cat = m["instance"], m["category"]
-                map_all = f"{cat['mAP@all']:>8.3f}" if cat else f"{'n/a':>8}"
-                print(f"{name:<16} {side:>5} {label:<16} {k:>2} {inst['acc@1']:>6.3f} {inst['acc@10']:>6.3f} {map_all}")
+                acc = m.instance.acc
+                map_all = f"{m.category.map_all:>8.3f}" if m.category else f"{'n/a':>8}"
+                print(f"{name:<16} {side:>5} {label:<16} {k:>2} {acc[1]:>6.3f} {acc[10]:>6.3f} {map_all}")
 
 
 def speed(ckpt: Checkpoint, sides: list[int], data_root: Path, n: int = 512) -> None:

@@ -88,9 +88,8 @@ def main() -> None:
             (sz, sp), (pz, pp) = vectors[name]
             sz, pz = joined.join_pooled(sz, sp, "sketch"), joined.join_pooled(pz, pp, "photo")  # as is at weight 0
             r = retrieval_metrics(sz.numpy(), pz.numpy(), data)
-            cat = (r["category"] or {}).get("mAP@all")
-            cells.append(f"{r['instance']['acc@1']:.3f} / {r['instance']['acc@10']:.3f} / "
-                         + (f"{cat:.3f}" if cat is not None else "  n/a"))
+            cells.append(f"{r.instance.acc[1]:.3f} / {r.instance.acc[10]:.3f} / "
+                         + (f"{r.category.map_all:.3f}" if r.category else "  n/a"))
         label = "none (the embedding)" if not weight else f"weight {weight:g}, dims {dims or 'all'}"
         print(f"{label:<22}" + "".join(f" {c:>36}" for c in cells), flush=True)
 

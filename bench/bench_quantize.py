@@ -87,8 +87,8 @@ def main() -> None:
         cells = []
         for (_, data), sketches, photos in zip(suites, queries, galleries, strict=True):
             m = retrieval_metrics(sketches, embed(name, photos), data)
-            cells += [m["instance"]["acc@1"], m["instance"]["acc@10"]]
-            cells += [m["category"]["mAP@all"]] if m["category"] else []
+            cells += [m.instance.acc[1], m.instance.acc[10]]
+            cells += [m.category.map_all] if m.category else []
         quality = f"{cells[0]:>15.3f} {cells[1]:>7.3f} {cells[2]:>8.3f} {cells[3]:>12.3f} {cells[4]:>7.3f}"
         print(f"{name:<13} {rate:>9.1f} {quality}")
 

@@ -19,7 +19,7 @@ from encoder.checkpoint import load_checkpoint
 from encoder.data import HELD_OUT_CATEGORIES, SketchyDataset, load_dataset
 from encoder.embedder import Embedder
 from encoder.evaluate import embed_gallery
-from encoder.metrics import retrieval_metrics
+from encoder.metrics import RetrievalMetrics, retrieval_metrics
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -34,10 +34,9 @@ def expand(queries: np.ndarray, gallery: np.ndarray, k: int, alpha: float, self_
     return _normalise(self_weight * queries + np.einsum("qk,qkd->qd", w, gallery[top]))
 
 
-def _row(label: str, m: dict) -> str:
-    cat = (m["category"] or {}).get("mAP@all")
-    return f"{label:<34} {m['instance']['acc@1']:>6.3f} {m['instance']['acc@10']:>6.3f} " + (
-        f"{cat:>8.3f}" if cat is not None else f"{'n/a':>8}"
+def _row(label: str, m: RetrievalMetrics) -> str:
+    return f"{label:<34} {m.instance.acc[1]:>6.3f} {m.instance.acc[10]:>6.3f} " + (
+        f"{m.category.map_all:>8.3f}" if m.category else f"{'n/a':>8}"
     )
 
 

@@ -59,8 +59,7 @@ def main() -> None:
                  retrieval_metrics(embed(sketches, "sketch"), photos, held_out)))
     print(f"{'sketches normalised with':<44} {'acc@1':>6} {'acc@10':>6} {'mAP@all':>8}")
     for name, r in rows:
-        print(f"{name:<44} {r['instance']['acc@1']:>6.3f} {r['instance']['acc@10']:>6.3f} "
-              f"{r['category']['mAP@all']:>8.3f}")
+        print(f"{name:<44} {r.instance.acc[1]:>6.3f} {r.instance.acc[10]:>6.3f} {r.map_all:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -71,9 +71,9 @@ def main() -> None:
                 sk, ph = ((x - mean) @ matrix for x in (sk, ph))
                 sk, ph = (x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12) for x in (sk, ph))
             m = retrieval_metrics(sk, ph, data)
-            cells += [m["instance"]["acc@1"], m["instance"]["acc@10"]]
-            if m["category"]:
-                cells.append(m["category"]["mAP@all"])
+            cells += [m.instance.acc[1], m.instance.acc[10]]
+            if m.category:
+                cells.append(m.category.map_all)
         print(f"{label:<22} {cells[0]:>14.3f} {cells[1]:>7.3f} {cells[2]:>8.3f} {cells[3]:>12.3f} {cells[4]:>7.3f}")
 
     row("none (cosine)", None, None)

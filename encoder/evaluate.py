@@ -13,32 +13,34 @@ import numpy as np
 from encoder.data import SketchyDataset, check_categories, load_dataset
 from encoder.embedder import Embedder
 from encoder.errors import DatasetError
-from encoder.metrics import retrieval_metrics
+from encoder.metrics import CategoryMetrics, InstanceMetrics, ThresholdMetrics, retrieval_metrics
 from encoder.neighbours import blend_gallery
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class EvalReport:
     model: str
     gallery: int
     queries: int
-    instance: dict[str, Any]
-    category: dict[str, float] | None
-    threshold: dict[str, float]
-    seconds: dict[str, float]
+    instance: InstanceMetrics
+    category: CategoryMetrics | None
+    threshold: ThresholdMetrics
+    embed_seconds: float
+    total_seconds: float
     neighbours: int = 0  # gallery vectors blended with this many nearest photos (0: the embeddings); not in JSON
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON `sketchsearch eval --json` writes: exactly the keys the issue names."""
         return {
             "model": self.model,
             "gallery": self.gallery,
             "queries": self.queries,
-            "instance": self.instance,
-            "category": self.category,
-            "threshold": self.threshold,
-            "seconds": self.seconds,
+            "instance": self.instance.to_json(),
+            "category": self.category.to_json() if self.category else None,
+            "threshold": self.threshold.to_json(),
+            "seconds": {"embed": self.embed_seconds, "total": self.total_seconds},
         }
 
 
@@ -82,10 +84,11 @@ def evaluate_dataset(
         model=embedder.model_id,
         gallery=len(data.photos),
         queries=len(data.sketches),
-        instance=result["instance"],
-        category=result["category"],
-        threshold=result["threshold"],
-        seconds={"embed": round(embed_seconds, 3), "total": round(time.time() - t0, 3)},
+        instance=result.instance,
+        category=result.category,
+        threshold=result.threshold,
+        embed_seconds=round(embed_seconds, 3),
+        total_seconds=round(time.time() - t0, 3),
         neighbours=neighbours,
     )
 
@@ -97,23 +100,23 @@ def format_report(report: EvalReport) -> str:
         ("model", report.model),
         ("gallery photos", str(report.gallery)),
         ("sketch queries", str(report.queries)),
-        ("instance queries", str(inst["queries"])),
+        ("instance queries", str(inst.queries)),
         ("gallery neighbours", str(report.neighbours) if report.neighbours else "0 (embeddings alone)"),
     ]
-    rows += [(f"acc@{k}", f"{inst[f'acc@{k}']:.3f}") for k in (1, 3, 5, 10)]
-    rows.append(("median rank", f"{inst['median_rank']:.1f}" if not np.isnan(inst["median_rank"]) else "n/a"))
+    rows += [(f"acc@{k}", f"{acc:.3f}") for k, acc in inst.acc.items()]
+    rows.append(("median rank", f"{inst.median_rank:.1f}" if not np.isnan(inst.median_rank) else "n/a"))
     if report.category:
         rows += [
-            ("mAP@all", f"{report.category['mAP@all']:.3f}"),
-            ("P@100", f"{report.category['P@100']:.3f}"),
+            ("mAP@all", f"{report.category.map_all:.3f}"),
+            ("P@100", f"{report.category.p_at_100:.3f}"),
         ]
     th = report.threshold
     rows += [
-        ("threshold", f"{th['value']:.3f}"),
-        ("  recall", f"{th['recall']:.3f}"),
-        ("  precision", f"{th['precision']:.3f}"),
-        ("embed seconds", f"{report.seconds['embed']:.1f}"),
-        ("total seconds", f"{report.seconds['total']:.1f}"),
+        ("threshold", f"{th.value:.3f}"),
+        ("  recall", f"{th.recall:.3f}"),
+        ("  precision", f"{th.precision:.3f}"),
+        ("embed seconds", f"{report.embed_seconds:.1f}"),
+        ("total seconds", f"{report.total_seconds:.1f}"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -19,11 +19,27 @@ class InstanceMetrics:
     acc: dict[int, float]  # K -> share of queries whose own photo ranks within the top K
     median_rank: float
 
+    def to_json(self) -> dict[str, Any]:
+        acc = {f"acc@{k}": v for k, v in self.acc.items()}
+        return {"queries": self.queries, **acc, "median_rank": self.median_rank}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> InstanceMetrics:
+        acc = {int(key.removeprefix("acc@")): float(v) for key, v in data.items() if key.startswith("acc@")}
+        return cls(int(data["queries"]), acc, float(data["median_rank"]))
+
 
 @dataclass(frozen=True)
 class CategoryMetrics:
     map_all: float
     p_at_100: float
+
+    def to_json(self) -> dict[str, float]:
+        return {"mAP@all": self.map_all, "P@100": self.p_at_100}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CategoryMetrics:
+        return cls(float(data["mAP@all"]), float(data["P@100"]))
 
 
 @dataclass(frozen=True)
@@ -31,6 +47,44 @@ class ThresholdMetrics:
     value: float
     recall: float  # share of queries whose own photo scores at or above the threshold (the study's measure)
     precision: float  # share of photos at or above the threshold that are the query's own photo
+
+    def to_json(self) -> dict[str, float]:
+        return {"value": self.value, "recall": self.recall, "precision": self.precision}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ThresholdMetrics:
+        return cls(float(data["value"]), float(data["recall"]), float(data["precision"]))
+
+
+@dataclass(frozen=True)
+class RetrievalMetrics:
+    """Sketches ranked against a gallery: the instance, category (None with one category) and threshold measures;
+    `to_json` gives the keys of eval's JSON and of a checkpoint's stored validation."""
+
+    instance: InstanceMetrics
+    category: CategoryMetrics | None
+    threshold: ThresholdMetrics
+
+    @property
+    def map_all(self) -> float:
+        """mAP@all, NaN where there is no category measure."""
+        return self.category.map_all if self.category else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance.to_json(),
+            "category": self.category.to_json() if self.category else None,
+            "threshold": self.threshold.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RetrievalMetrics:
+        category = data.get("category")
+        return cls(
+            InstanceMetrics.from_json(data["instance"]),
+            CategoryMetrics.from_json(category) if category else None,
+            ThresholdMetrics.from_json(data["threshold"]),
+        )
 
 
 def instance_ranks(sim: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -103,22 +157,16 @@ def calibrate_threshold(sim: np.ndarray, target: np.ndarray) -> float:
 
 def retrieval_metrics(
     sketch_emb: np.ndarray, photo_emb: np.ndarray, data: SketchyDataset, threshold: float | None = None
-) -> dict[str, Any]:
-    """acc@K, median rank, mAP@all and P@100 of sketches against the dataset's photos."""
+) -> RetrievalMetrics:
+    """acc@K, median rank, mAP@all and P@100 of sketches against the dataset's photos, and the threshold's recall
+    and precision (at `threshold`, or at one calibrated on these sketches when it is None)."""
     sim = sketch_emb @ photo_emb.T
     pairs = data.instance_pairs()
     q = np.array([s for s, _ in pairs], dtype=int)
     target = np.array([p for _, p in pairs], dtype=int)
     inst = instance_metrics(sim[q], target) if len(q) else instance_metrics(sim[:0], target)
     cats = sorted({p.category for p in data.photos})
-    result: dict[str, Any] = {
-        "instance": {
-            "queries": inst.queries,
-            **{f"acc@{k}": v for k, v in inst.acc.items()},
-            "median_rank": inst.median_rank,
-        },
-        "category": None,
-    }
+    category = None
     if len(cats) > 1 and data.sketches:  # no sketch, no query to rank: nothing to average
         index = {c: i for i, c in enumerate(cats)}
         qc = np.array([index.get(s.category, -1) for s in data.sketches])
@@ -131,9 +179,6 @@ def retrieval_metrics(
                 data.root,
             )
         gc = np.array([index[p.category] for p in data.photos])
-        cm = category_metrics(sim, qc, gc)
-        result["category"] = {"mAP@all": cm.map_all, "P@100": cm.p_at_100}
+        category = category_metrics(sim, qc, gc)
     value = calibrate_threshold(sim[q], target) if threshold is None else threshold
-    tm = threshold_metrics(sim[q], target, value)
-    result["threshold"] = {"value": tm.value, "recall": tm.recall, "precision": tm.precision}
-    return result
+    return RetrievalMetrics(inst, category, threshold_metrics(sim[q], target, value))

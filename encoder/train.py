@@ -29,7 +29,7 @@ from torch import nn
 from encoder.checkpoint import Checkpoint, inference_state, save_checkpoint
 from encoder.data import SketchyDataset, check_categories, load_dataset
 from encoder.errors import DatasetError, SketchSearchError
-from encoder.metrics import retrieval_metrics
+from encoder.metrics import RetrievalMetrics, retrieval_metrics
 from encoder.model import (
     LITE_SCALING,
     POOLED_DIM,
@@ -223,6 +223,16 @@ def photo_input(
 def ink_share(path: Path) -> float:
     with open_image(path) as image:  # the pixel limit applies here too: PIL's own is far above it
         return float((np.asarray(image.convert("L")) < 128).mean())
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One epoch of training: its mean loss (None when the epoch drew no batch), the probe loss, validation."""
+
+    epoch: int
+    loss: float | None
+    probe_loss: float
+    val: dict[str, RetrievalMetrics]
 
 
 # ---------------------------------------------------------------- the frozen front and the trainable back
@@ -890,7 +900,7 @@ def train(
 
     val_keys = validation_keys([v for v, _, _ in val_caches])
 
-    def validate(neighbours: int = 0) -> dict[str, Any]:
+    def validate(neighbours: int = 0) -> dict[str, RetrievalMetrics]:
         stages.set_train(False)
         results = {}
         for key, (v, vs, vp) in zip(val_keys, val_caches, strict=True):
@@ -901,15 +911,13 @@ def train(
             )
         return results
 
-    def score(results: dict[str, Any]) -> float:
+    def score(results: dict[str, RetrievalMetrics]) -> float:
         if not results:
             return 0.0
-        vals = []
-        for r in results.values():
-            vals.append(
-                r["instance"]["acc@1"] + r["instance"]["acc@10"] + (r["category"] or {}).get("mAP@all", 0)
-            )
-        return float(np.mean(vals))
+        return float(
+            np.mean([r.instance.acc[1] + r.instance.acc[10] + (r.category.map_all if r.category else 0.0)
+                     for r in results.values()])
+        )
 
     probe_batches = make_batches()[:8]  # a fixed sample of training batches to track the loss on
     rng = random.Random(cfg.seed)  # drawing the probe consumed the generator: start the epochs afresh
@@ -929,7 +937,7 @@ def train(
     initial_loss = probe_loss()
     best_state: dict[str, torch.Tensor] | None = None
     best_score, best_epoch = -1.0, 0
-    history: list[dict[str, Any]] = []
+    history: list[EpochRecord] = []
     # the seed model reproduces the study: FaceNet triplet loss only
     ce_on = cfg.ce_weight > 0 and isinstance(model, SketchPhotoEncoder)
     nce_on = cfg.nce_weight > 0 and isinstance(model, SketchPhotoEncoder)
@@ -1003,15 +1011,9 @@ def train(
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         results = validate()
         epoch_score = score(results)
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": float(np.mean(losses)) if losses else None,  # None: a skipped epoch, not a perfect one
-                "probe_loss": probe_loss(),
-                "val": results,
-            }
-        )
-        loss_text = f"{history[-1]['loss']:.4f}" if losses else "- (skipped)"
+        # loss None: a skipped epoch, not a perfect one
+        history.append(EpochRecord(epoch, float(np.mean(losses)) if losses else None, probe_loss(), results))
+        loss_text = f"{history[-1].loss:.4f}" if losses else "- (skipped)"
         logger.info("epoch %d loss %s val %s", epoch, loss_text, _summary(results))
         if not val_caches or not cfg.select_best or epoch_score > best_score:
             best_score, best_epoch = epoch_score, epoch
@@ -1019,8 +1021,8 @@ def train(
 
     assert best_state is not None
     model.load_state_dict(best_state)
-    final_val = history[best_epoch - 1]["val"] if history else {}
-    raw_val: dict[str, Any] = {}
+    final_val = history[best_epoch - 1].val if history else {}
+    raw_val: dict[str, RetrievalMetrics] = {}
     if cfg.whiten_power > 0 and isinstance(model, SketchPhotoEncoder):
         # fitted on the unaugmented views of the human sketches and the photos trained on
         stages.set_train(False)
@@ -1033,7 +1035,7 @@ def train(
         model.set_whitening(torch.from_numpy(mean), torch.from_numpy(matrix))
         raw_val, final_val = final_val, validate()
         logger.info("whitened (power %.2f): val %s", cfg.whiten_power, _summary(final_val))
-    unjoined_val: dict[str, Any] = {}
+    unjoined_val: dict[str, RetrievalMetrics] = {}
     if cfg.pooled_weight > 0 and isinstance(model, SketchPhotoEncoder):
         stages.set_train(False)
         real_rows = [sk_row[i] for i in used_sketches if i < n_real]
@@ -1059,20 +1061,15 @@ def train(
         preprocessing=prep,
         state_dict=inference_state(model),
         metrics={
-            "validation": final_val,
-            **({"validation_unwhitened": raw_val} if raw_val else {}),
-            **({"validation_unjoined": unjoined_val} if unjoined_val else {}),
-            **({"validation_gallery": gallery_val} if gallery_val else {}),
+            "validation": _stored(final_val),
+            **({"validation_unwhitened": _stored(raw_val)} if raw_val else {}),
+            **({"validation_unjoined": _stored(unjoined_val)} if unjoined_val else {}),
+            **({"validation_gallery": _stored(gallery_val)} if gallery_val else {}),
             "threshold_neighbours": cfg.gallery_neighbours,
             "best_epoch": best_epoch,
             "initial_probe_loss": initial_loss,
             "history": [
-                {
-                    "epoch": h["epoch"],
-                    "loss": h["loss"],
-                    "probe_loss": h["probe_loss"],
-                    "val": _summary(h["val"]),
-                }
+                {"epoch": h.epoch, "loss": h.loss, "probe_loss": h.probe_loss, "val": _summary(h.val)}
                 for h in history
             ],
             "train_seconds": time.time() - t_start,
@@ -1090,20 +1087,22 @@ def train(
     return ckpt
 
 
-def _summary(results: dict[str, Any]) -> str:
-    parts = []
-    for name, r in results.items():
-        inst, cat = r["instance"], r["category"] or {}
-        parts.append(
-            f"{name}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f} mAP {cat.get('mAP@all', float('nan')):.3f}"
-        )
-    return "; ".join(parts)
+def _summary(results: dict[str, RetrievalMetrics]) -> str:
+    return "; ".join(
+        f"{name}: acc@1 {r.instance.acc[1]:.3f} acc@10 {r.instance.acc[10]:.3f} mAP {r.map_all:.3f}"
+        for name, r in results.items()
+    )
 
 
-def _calibrated_threshold(validation: dict[str, Any]) -> float | None:
+def _stored(results: dict[str, RetrievalMetrics]) -> dict[str, Any]:
+    """Validation results as a checkpoint stores them: plain JSON values, which load with weights_only=True."""
+    return {name: r.to_json() for name, r in results.items()}
+
+
+def _calibrated_threshold(validation: dict[str, RetrievalMetrics]) -> float | None:
     """The threshold calibrated on the first validation set (None when there is none)."""
     for r in validation.values():
-        return float(r["threshold"]["value"])
+        return r.threshold.value
     return None
 
 
@@ -1130,7 +1129,7 @@ def _validation_sets(
 
 def _validate_checkpoint(
     ckpt: Checkpoint, val_sets: list[SketchyDataset], neighbours: int = 0
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[dict[str, RetrievalMetrics], dict[str, RetrievalMetrics]]:
     """Validated like train(): the held-out categories of the data first, then the extra folders; by the photo
     embeddings, then (empty when neighbours is 0) by gallery vectors blended with `neighbours` nearest photos."""
     from encoder.embedder import Embedder
@@ -1233,8 +1232,8 @@ def _refitted(
         metrics={
             **{k: v for k, v in ckpt.metrics.items() if k not in ("validation", "validation_gallery")},
             before_key: ckpt.metrics.get("validation", {}),
-            **({"validation": validation} if validation else {}),
-            **({"validation_gallery": gallery_validation} if gallery_validation else {}),
+            **({"validation": _stored(validation)} if validation else {}),
+            **({"validation_gallery": _stored(gallery_validation)} if gallery_validation else {}),
             "threshold_neighbours": neighbours,
             record_key: record,
         },

@@ -271,14 +271,16 @@ def _save_refit(
 
 def _echo_validation(ckpt: Checkpoint) -> None:
     """A line per validation set: by the embeddings, then by gallery vectors where the checkpoint has them."""
+    from encoder.metrics import RetrievalMetrics
+
     k = ckpt.metrics.get("threshold_neighbours", 0)
     for key, label in (("validation", ""), ("validation_gallery", f" (gallery neighbours {k})")):
-        for set_name, res in (ckpt.metrics.get(key) or {}).items():
-            inst, cat = res["instance"], res["category"] or {}
+        for set_name, stored in (ckpt.metrics.get(key) or {}).items():
+            res = RetrievalMetrics.from_json(stored)
             typer.echo(
-                f"validation {set_name}{label}: acc@1 {inst['acc@1']:.3f} acc@10 {inst['acc@10']:.3f}"
-                + (f" mAP@all {cat['mAP@all']:.3f}" if cat else "")
-                + (f" threshold recall {res['threshold']['recall']:.3f}" if key == "validation_gallery" else "")
+                f"validation {set_name}{label}: acc@1 {res.instance.acc[1]:.3f} acc@10 {res.instance.acc[10]:.3f}"
+                + (f" mAP@all {res.category.map_all:.3f}" if res.category else "")
+                + (f" threshold recall {res.threshold.recall:.3f}" if key == "validation_gallery" else "")
             )
 
 

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from encoder.data import PhotoRecord, SketchRecord, SketchyDataset
 from encoder.metrics import (
+    RetrievalMetrics,
     average_precision,
     calibrate_threshold,
     category_metrics,
     instance_metrics,
     instance_ranks,
+    retrieval_metrics,
     threshold_metrics,
 )
 
@@ -72,3 +77,31 @@ def test_threshold_recall_precision_and_calibration() -> None:
     best = threshold_metrics(sim, target, t)
     f1 = 2 * best.precision * best.recall / (best.precision + best.recall)
     assert f1 >= 2 * m.precision * m.recall / (m.precision + m.recall) - 1e-9
+
+
+def test_retrieval_metrics_on_a_constructed_set_and_its_json_round_trip() -> None:
+    # photos: a0, a1 (category a), b0 (b); sketches of a0, b0, and one of a photo not in the gallery (a9)
+    root = Path("set")
+    photos = [PhotoRecord(root / f"{c}{i}.jpg", c, f"{c}{i}") for c, i in (("a", 0), ("a", 1), ("b", 0))]
+    sketches = [SketchRecord(root / f"{stem}-1.png", stem[0], stem) for stem in ("a0", "b0", "a9")]
+    data = SketchyDataset(root, photos, sketches)
+    # unit vectors: sketch a0 ranks a1 above its own a0 (rank 2); sketch b0 finds b0 first; a9 is no instance query
+    photo = np.eye(3, dtype=np.float32)
+    sketch = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]], dtype=np.float32)
+    m = retrieval_metrics(sketch, photo, data, threshold=0.7)
+    assert m.instance.queries == 2
+    assert m.instance.acc == {1: 0.5, 3: 1.0, 5: 1.0, 10: 1.0} and m.instance.median_rank == 1.5
+    # category APs: a0's sketch ranks a1, a0 first (1), b0's finds b0 (1), a9's ranks a0 first, a1 tied after (1)
+    assert m.category is not None and m.map_all == pytest.approx(1.0)
+    # own scores 0.6 and 1.0: recall 1/2 at 0.7; returned above 0.7: a1 (0.8) and b0 (1.0) -> precision 1/2
+    assert (m.threshold.value, m.threshold.recall, m.threshold.precision) == (0.7, 0.5, 0.5)
+    stored = m.to_json()
+    assert set(stored) == {"instance", "category", "threshold"}
+    assert set(stored["instance"]) == {"queries", "acc@1", "acc@3", "acc@5", "acc@10", "median_rank"}
+    assert stored["category"] == {"mAP@all": m.map_all, "P@100": m.category.p_at_100}
+    assert RetrievalMetrics.from_json(stored) == m
+    # one category: no category measure, stored as null
+    single = data.subset(categories={"a"})
+    one = retrieval_metrics(sketch[[0, 2]], photo[:2], single, threshold=0.7)
+    assert one.category is None and one.to_json()["category"] is None and np.isnan(one.map_all)
+    assert RetrievalMetrics.from_json(one.to_json()) == one

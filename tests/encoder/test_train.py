@@ -356,7 +356,7 @@ def test_validation_of_two_folders_of_one_name_keeps_both(tiny_model: Path, sket
     plain, blended = _validate_checkpoint(load_checkpoint(tiny_model), sets, neighbours=1)
     assert list(plain) == list(blended) == ["v1/test", "v2/test"]
     # each key holds its own folder's results: 4 and 6 sketches
-    assert [plain[k]["instance"]["queries"] for k in plain] == [4, 6]
+    assert [plain[k].instance.queries for k in plain] == [4, 6]
 
 
 def test_data_paths_may_overlap_but_each_must_hold_a_set(tmp_path: Path) -> None:

@@ -60,8 +60,9 @@ def test_train_to_a_folder_then_eval_writes_the_documented_json(sketchy: Path, t
     for path, k in ((report_path, 5), (plain_path, 0)):
         want = evaluate_dataset(data, embedder, neighbours=k)
         got = json.loads(path.read_text())
-        assert got["category"]["mAP@all"] == pytest.approx(want.category["mAP@all"], abs=1e-6)  # type: ignore[index]
-        assert got["instance"]["acc@1"] == pytest.approx(want.instance["acc@1"], abs=1e-6)
+        assert want.category is not None
+        assert got["category"]["mAP@all"] == pytest.approx(want.category.map_all, abs=1e-6)
+        assert got["instance"]["acc@1"] == pytest.approx(want.instance.acc[1], abs=1e-6)
 
 
 def test_eval_of_a_folder_without_the_layout_is_a_clear_error(tmp_path: Path) -> None:

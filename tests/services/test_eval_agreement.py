@@ -40,8 +40,8 @@ def _check(store: VectorStore, embedder: Embedder, root: Path) -> None:
     assert store.neighbours > 0
     report = evaluate_dataset(root, embedder, categories=set(HELD_OUT_CATEGORIES), neighbours=store.neighbours)
     found, queries = _acc_at_10_through_the_store(store, embedder, root)
-    assert queries == report.instance["queries"] == 250
-    expected = round(report.instance["acc@10"] * queries)
+    assert queries == report.instance.queries == 250
+    expected = round(report.instance.acc[10] * queries)
     # eval counts a tie with the own photo against the query, the store may order it either way
     assert abs(found - expected) <= 1, f"search found {found}/{queries}, eval says {expected}/{queries}"
 
