@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import pickle
 import re
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,29 @@ def save_checkpoint(ckpt: Checkpoint, path: Path | str, half: bool = False) -> P
         reason = text.splitlines()[0] if text else type(exc).__name__
         raise SketchSearchError(f"cannot write the checkpoint {path}: {reason}") from exc
     return path
+
+
+def check_writable(path: Path, what: str) -> None:
+    """SketchSearchError unless a file can be written at `path` (its folder is created): said before a run of
+    minutes or hours, not after it. `what` names the file in the message ("the checkpoint")."""
+    if path.is_dir():
+        raise SketchSearchError(f"cannot write {what} to {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # a file where a folder must be is the usual cause: name it rather than echo "File exists"
+        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocking} is a file, not a folder" if blocking else (exc.strerror or str(exc))
+        raise SketchSearchError(f"cannot write {what} to {path}: {reason}") from exc
+    try:
+        # the only sure test of a folder (permissions, read-only or virtual file systems): make a file in it
+        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SketchSearchError(
+            f"cannot write {what} to {path}: cannot create a file in {path.parent} ({exc.strerror or exc})"
+        ) from exc
 
 
 def resolve_model_path(ref: str | Path | None) -> Path:

@@ -10,9 +10,7 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -26,7 +24,7 @@ import torch.nn.functional as F  # noqa: N812
 from PIL import Image, ImageOps
 from torch import nn
 
-from encoder.checkpoint import Checkpoint, inference_state, save_checkpoint
+from encoder.checkpoint import Checkpoint, check_writable, inference_state, save_checkpoint
 from encoder.data import SketchyDataset, check_categories, load_dataset
 from encoder.errors import DatasetError, SketchSearchError
 from encoder.metrics import RetrievalMetrics, retrieval_metrics
@@ -555,29 +553,6 @@ def _discover_sets(paths: list[Path]) -> list[Path]:
             "(folders named test count only when named directly)"
         )
     return found
-
-
-def check_writable(path: Path, what: str) -> None:
-    """SketchSearchError unless a file can be written at `path` (its folder is created): said before a run of
-    minutes or hours, not after it. `what` names the file in the message ("the checkpoint")."""
-    if path.is_dir():
-        raise SketchSearchError(f"cannot write {what} to {path}: it is a folder")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        # a file where a folder must be is the usual cause: name it rather than echo "File exists"
-        blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        reason = f"{blocking} is a file, not a folder" if blocking else (exc.strerror or str(exc))
-        raise SketchSearchError(f"cannot write {what} to {path}: {reason}") from exc
-    try:
-        # the only sure test of a folder (permissions, read-only or virtual file systems): make a file in it
-        handle, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise SketchSearchError(
-            f"cannot write {what} to {path}: cannot create a file in {path.parent} ({exc.strerror or exc})"
-        ) from exc
 
 
 def _is_checkpoint_file(path: Path) -> bool:

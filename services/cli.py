@@ -340,7 +340,7 @@ def eval_command(
     neighbours = _gallery_neighbours(gallery_neighbours)
     try:
         if json_path:
-            from encoder.train import check_writable
+            from encoder.checkpoint import check_writable
 
             check_writable(json_path, "the JSON report")  # before the evaluation, not after it
         # the ONNX exports go where the platform keeps them (HOME/models), shared with search and ingest
