@@ -32,7 +32,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check encoder services worker tests bench
-	$(BIN)/mypy encoder services worker tests
+	$(BIN)/mypy encoder services worker tests bench
 	$(BIN)/lint-imports
 
 clean:
