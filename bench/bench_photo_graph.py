@@ -60,8 +60,9 @@ class _Front(nn.Module):
         self.model, self.k = model, k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.model.trunk.stem(x)
-        for block in self.model.trunk._blocks[: self.k]:
+        trunk = self.model.trunk_for("photo")  # the trunk features_from continues in
+        h = trunk.stem(x)
+        for block in trunk._blocks[: self.k]:
             h = block(h)
         return h
 
@@ -95,8 +96,9 @@ def _split_arms(
     model.trunk.set_domain("photo")
     for param in model.parameters():
         param.requires_grad_(False)  # traced weights must be constants
-    if any(k > min(model.cfg.mid_blocks, default=k) for k in ks):
-        raise SystemExit(f"--split: k must not pass the first tapped block {min(model.cfg.mid_blocks)}")
+    last = min(model.cfg.mid_blocks, default=len(model.trunk._blocks) - 1)
+    if any(not 1 <= k <= last for k in ks):
+        raise SystemExit(f"--split: each k must be 1 to {last} (the first tapped block)")
     parts = {}
     for k in ks:
         example = torch.zeros(2, *x.shape[1:])
@@ -105,8 +107,11 @@ def _split_arms(
         front = _session(_export_part(_Front(model, k), example, work / f"front{k}.onnx"), 2)
         back = _session(_export_part(_Back(model, k), inner, work / f"back{k}.onnx"), 2)
         got = back.run(None, {"image": front.run(None, {"image": x})[0]})[0]  # type: ignore[attr-defined]
+        difference = float(np.abs(got - whole).max())
         print(f"# split after block {k - 1}: {tuple(inner.shape[1:])} between the parts, "
-              f"max difference from the whole graph {np.abs(got - whole).max():.1e}")
+              f"max difference from the whole graph {difference:.1e}")
+        if not difference <= 1e-4:  # the project's ONNX/torch tolerance: a split that computes otherwise is no arm
+            raise SystemExit(f"--split {k}: the two parts differ from the whole graph by {difference:.1e}")
         parts[k] = (front, back)
     return parts
 

@@ -32,7 +32,8 @@ class EvalReport:
     neighbours: int = 0  # gallery vectors blended with this many nearest photos (0: the embeddings); not in JSON
 
     def to_json(self) -> dict[str, Any]:
-        """The JSON `sketchsearch eval --json` writes: exactly the keys the issue names."""
+        """What `sketchsearch eval --json` writes: model, gallery, queries, instance, category, threshold and
+        seconds (embed, total), nothing else."""
         return {
             "model": self.model,
             "gallery": self.gallery,
