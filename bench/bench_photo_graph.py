@@ -133,7 +133,8 @@ def main() -> None:
     ckpt = load_checkpoint(None if args.model == "default" else args.model)
     prep = ckpt.preprocessing
     work = Path(tempfile.mkdtemp())
-    path = export_onnx(ckpt.build(), "photo", prep.image_size, prep.channels, work / "photo.onnx")
+    model = ckpt.build()
+    path = export_onnx(model, "photo", prep.image_size, prep.channels, work / "photo.onnx")
     x = np.random.default_rng(0).standard_normal((BATCH, prep.channels, prep.image_size, prep.image_size))
     x = x.astype(np.float32)
     print(f"# {ckpt.model_id}, {prep.image_size} px, batch {BATCH}, {args.rounds} rounds, model only")
@@ -144,7 +145,6 @@ def main() -> None:
         f"2 threads, {BATCH // sub} call(s) of {sub}": partial(_rate, two, x, sub) for sub in (32, 8, 4)
     }
     if args.split:
-        model = ckpt.build()
         assert isinstance(model, SketchPhotoEncoder), "--split needs an EfficientNet-Lite model"
         whole = two.run(None, {"image": x})[0]  # type: ignore[attr-defined]
         parts = _split_arms(model, [int(k) for k in args.split.split(",")], x, whole, work)
